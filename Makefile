@@ -1,0 +1,17 @@
+# The README's two commands. Each creates .venv and installs the package when needed.
+PYTHON ?= python3
+VENV := .venv
+WORKDIR ?= runs/default
+
+$(VENV)/installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+.PHONY: run test
+run: $(VENV)/installed  ## Train configs/default.py on MNIST; prints the test accuracy.
+	$(VENV)/bin/python -m convnet.main --config configs/default.py --workdir $(WORKDIR)
+
+test: $(VENV)/installed  ## The test suite (offline; 2 fake CPU devices).
+	$(VENV)/bin/python -m pytest -q

@@ -1,0 +1,138 @@
+"""Data sources and batching.
+
+Two sources behind `load_dataset`: a directory of MNIST-format IDX files (MNIST,
+Fashion-MNIST, KMNIST, ...) and `tfds.data_source` (no TensorFlow needed). Both
+give uint8 images [N, H, W, C] and int32 labels [N]; the whole dataset fits in
+device memory, so batching, shuffling and normalisation happen on the device
+(see train.py), from the functions here.
+"""
+
+import gzip
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IDX_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+_IDX_UINT8 = 0x08
+
+
+class DataError(ValueError):
+  """A data file or directory that cannot be used; the message names it."""
+
+
+class Split(NamedTuple):
+  images: np.ndarray  # uint8 [N, H, W, C]
+  labels: np.ndarray  # int32 [N]
+
+
+class Dataset(NamedTuple):
+  train: Split
+  test: Split
+  mean: float  # of the training images scaled to [0, 1]
+  std: float
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads one IDX file (optionally gzipped) holding unsigned bytes."""
+  if not os.path.isfile(path):
+    raise DataError(f'{path}: file not found')
+  try:
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+      data = f.read()
+  except (OSError, EOFError) as e:  # gzip raises these for truncated/corrupt files.
+    raise DataError(f'{path}: cannot be read ({e})') from e
+  if len(data) < 4 or data[0:2] != b'\0\0' or data[2] != _IDX_UINT8:
+    raise DataError(f'{path}: not an IDX file of unsigned bytes '
+                    f'(magic number {data[:4].hex() or "missing"}, expected 000008xx)')
+  ndim = data[3]
+  header = 4 + 4 * ndim
+  dims = tuple(int(d) for d in np.frombuffer(data[4:header], dtype='>u4'))
+  expected = int(np.prod(dims)) if len(dims) == ndim else -1
+  if len(data) - header != expected:
+    raise DataError(f'{path}: truncated or padded: header says shape {dims} '
+                    f'({expected} bytes) but {len(data) - header} bytes follow it')
+  return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_idx_split(directory: str, split: str) -> Split:
+  images_file, labels_file = (os.path.join(directory, f) for f in IDX_FILES[split])
+  images, labels = read_idx(images_file), read_idx(labels_file)
+  if images.ndim != 3:
+    raise DataError(f'{images_file}: expected 3 dimensions [N, H, W], got shape {images.shape}')
+  if labels.ndim != 1:
+    raise DataError(f'{labels_file}: expected 1 dimension [N], got shape {labels.shape}')
+  if len(images) != len(labels):
+    raise DataError(f'{images_file} has {len(images)} images but {labels_file} has '
+                    f'{len(labels)} labels')
+  return Split(images[..., None], labels.astype(np.int32))
+
+
+def load_tfds_split(name: str, split: str, data_dir: str | None, download: bool) -> Split:
+  """Reads a whole split through `tfds.data_source` (random access, no TensorFlow)."""
+  import tensorflow_datasets as tfds  # Imported here: the IDX path never needs it.
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
+  except Exception as e:  # tfds raises many types for a missing or unprepared dataset.
+    raise DataError(f'tfds dataset {name!r} (split {split!r}, data_dir {data_dir!r}) '
+                    f'cannot be opened: {e}') from e
+  records = [source[i] for i in range(len(source))]
+  images = np.stack([np.asarray(r['image'], np.uint8) for r in records])
+  labels = np.array([r['label'] for r in records], np.int32)
+  if images.ndim == 3:
+    images = images[..., None]
+  return Split(images, labels)
+
+
+def load_dataset(source: str, directory: str, name: str, num_classes: int,
+                 download: bool = False) -> Dataset:
+  """Loads train and test splits from 'idx' files or 'tfds', and checks the labels."""
+  if source == 'idx':
+    if not os.path.isdir(directory):
+      raise DataError(f'{directory}: data directory not found (config key data.dir)')
+    splits = {s: load_idx_split(directory, s) for s in IDX_FILES}
+    where = {s: os.path.join(directory, IDX_FILES[s][1]) for s in IDX_FILES}
+  elif source == 'tfds':
+    splits = {s: load_tfds_split(name, s, directory, download) for s in IDX_FILES}
+    where = {s: f'tfds {name}/{s}' for s in IDX_FILES}
+  else:
+    raise DataError(f"data.source must be 'idx' or 'tfds', got {source!r}")
+  for split_name, split in splits.items():
+    if len(split.labels) == 0:
+      raise DataError(f'{where[split_name]}: split is empty')
+    bad = (split.labels < 0) | (split.labels >= num_classes)
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise DataError(f'{where[split_name]}: label {split.labels[i]} at index {i} is outside '
+                      f'[0, {num_classes}) (config key model.num_classes)')
+  if splits['train'].images.shape[1:] != splits['test'].images.shape[1:]:
+    raise DataError(f'train images are {splits["train"].images.shape[1:]} but test images '
+                    f'are {splits["test"].images.shape[1:]}')
+  pixels = splits['train'].images.astype(np.float64) / 255.0
+  return Dataset(splits['train'], splits['test'], float(pixels.mean()), float(pixels.std()))
+
+
+def normalize(images, mean: float, std: float):
+  """uint8 images -> float32 with the training set's mean 0 and std 1 (runs on device)."""
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def epoch_permutation(key: jax.Array, epoch, num_examples: int) -> jax.Array:
+  """The order of the training set in `epoch`: a pure function of the seed and the epoch."""
+  return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+def pad_to_multiple(split: Split, multiple: int) -> tuple[Split, np.ndarray]:
+  """Pads a split to a multiple of `multiple` examples; the mask marks the real ones."""
+  n = len(split.labels)
+  pad = -n % multiple
+  mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
+  images = np.concatenate([split.images, np.zeros((pad,) + split.images.shape[1:], np.uint8)])
+  labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
+  return Split(images, labels), mask

@@ -1,0 +1,32 @@
+"""Two fake CPU devices for every test: XLA_FLAGS must be set before jax is imported."""
+
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=2').strip()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # So `configs` imports as a package from any working directory.
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import default  # noqa: E402
+from convnet import input_pipeline  # noqa: E402
+
+MNIST_DIR = os.path.join(REPO, 'data', 'mnist')
+
+
+@pytest.fixture(scope='session')
+def mnist() -> input_pipeline.Dataset:
+  return input_pipeline.load_dataset('idx', MNIST_DIR, 'mnist', 10)
+
+
+@pytest.fixture
+def smoke_config():
+  """The real default config, shrunk to seconds (configs/default.py:smoke)."""
+  return default.get_config('smoke')
+
+
+def pytest_configure(config):
+  assert jax.local_device_count() == 2, 'XLA_FLAGS was set too late: jax saw one device'

@@ -1,0 +1,138 @@
+"""Data sources: the shipped MNIST files, IDX error cases, tfds (mocked), order and padding."""
+
+import gzip
+import hashlib
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from convnet import input_pipeline
+from conftest import MNIST_DIR
+
+
+def test_shipped_mnist_matches_published_checksums():
+  with open(os.path.join(MNIST_DIR, 'SHA256SUMS.uncompressed')) as f:
+    sums = dict(reversed(line.split()) for line in f if line.strip())
+  assert len(sums) == 4
+  for name, digest in sums.items():
+    with gzip.open(os.path.join(MNIST_DIR, name + '.gz'), 'rb') as f:
+      assert hashlib.sha256(f.read()).hexdigest() == digest, name
+
+
+def test_mnist_shapes_labels_and_normalisation_constants(mnist):
+  assert mnist.train.images.shape == (60000, 28, 28, 1)
+  assert mnist.test.images.shape == (10000, 28, 28, 1)
+  assert mnist.train.images.dtype == np.uint8 and mnist.train.labels.dtype == np.int32
+  assert np.bincount(mnist.test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958,
+                                                      1028, 974, 1009]
+  # The widely quoted MNIST constants (torchvision's Normalize((0.1307,), (0.3081,))).
+  assert mnist.mean == pytest.approx(0.1307, abs=1e-4)
+  assert mnist.std == pytest.approx(0.3081, abs=1e-4)
+  x = np.asarray(input_pipeline.normalize(mnist.train.images[:20000], mnist.mean, mnist.std))
+  assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01
+
+
+def write_idx(path, array, magic=None, truncate=0):
+  header = magic if magic is not None else bytes([0, 0, 8, array.ndim])
+  header += np.array(array.shape, '>u4').tobytes()
+  data = header + array.astype(np.uint8).tobytes()
+  with gzip.open(path, 'wb') as f:
+    f.write(data[:len(data) - truncate])
+
+
+def make_idx_dir(directory, n_train=6, n_test=4, labels=None):
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for split, n in (('train', n_train), ('test', n_test)):
+    images_file, labels_file = input_pipeline.IDX_FILES[split]
+    write_idx(os.path.join(directory, images_file), rng.integers(0, 256, (n, 28, 28)))
+    write_idx(os.path.join(directory, labels_file),
+              labels if labels is not None else rng.integers(0, 10, n))
+  return directory
+
+
+def test_idx_directory_round_trip(tmp_path):
+  data = input_pipeline.load_dataset('idx', make_idx_dir(tmp_path), 'x', 10)
+  assert data.train.images.shape == (6, 28, 28, 1) and data.test.labels.shape == (4,)
+
+
+def test_wrong_magic_number_names_the_file(tmp_path):
+  directory = make_idx_dir(tmp_path)
+  path = os.path.join(directory, 'train-images-idx3-ubyte.gz')
+  write_idx(path, np.zeros((6, 28, 28)), magic=bytes([0, 0, 0x0D, 3]))  # float IDX
+  with pytest.raises(input_pipeline.DataError, match='train-images-idx3-ubyte.gz.*magic'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+
+
+def test_truncated_file_names_the_file(tmp_path):
+  directory = make_idx_dir(tmp_path)
+  path = os.path.join(directory, 't10k-images-idx3-ubyte.gz')
+  write_idx(path, np.zeros((4, 28, 28)), truncate=100)
+  with pytest.raises(input_pipeline.DataError, match='t10k-images-idx3-ubyte.gz.*truncated'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+
+
+def test_truncated_gzip_stream_names_the_file(tmp_path):
+  directory = make_idx_dir(tmp_path)
+  path = os.path.join(directory, 'train-labels-idx1-ubyte.gz')
+  with open(path, 'rb') as f:
+    data = f.read()
+  with open(path, 'wb') as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(input_pipeline.DataError, match='train-labels-idx1-ubyte.gz.*cannot be read'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+
+
+def test_image_label_count_mismatch_names_both_files(tmp_path):
+  directory = make_idx_dir(tmp_path)
+  write_idx(os.path.join(directory, 'train-labels-idx1-ubyte.gz'), np.zeros(5))
+  with pytest.raises(input_pipeline.DataError,
+                     match='train-images-idx3-ubyte.gz has 6 images but .*train-labels'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+
+
+def test_label_outside_class_range_names_file_and_key(tmp_path):
+  directory = make_idx_dir(tmp_path, labels=np.array([1, 2, 3, 12, 0, 0]), n_test=6)
+  with pytest.raises(input_pipeline.DataError,
+                     match=r'train-labels-idx1-ubyte.gz: label 12 at index 3.*model.num_classes'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+
+
+def test_missing_directory_and_missing_file(tmp_path):
+  with pytest.raises(input_pipeline.DataError, match='nowhere: data directory not found'):
+    input_pipeline.load_dataset('idx', str(tmp_path / 'nowhere'), 'x', 10)
+  directory = make_idx_dir(tmp_path / 'd')
+  os.remove(os.path.join(directory, 't10k-labels-idx1-ubyte.gz'))
+  with pytest.raises(input_pipeline.DataError, match='t10k-labels-idx1-ubyte.gz: file not found'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+
+
+@pytest.mark.parametrize('name', ['mnist', 'fashion_mnist'])
+def test_tfds_data_source_path(name):
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    data = input_pipeline.load_dataset('tfds', '', name, 10)
+  assert data.train.images.shape == (12, 28, 28, 1) and data.train.images.dtype == np.uint8
+  assert data.test.labels.shape == (12,) and data.test.labels.max() < 10
+
+
+def test_tfds_without_prepared_data_is_a_clear_error_not_a_download(tmp_path):
+  with pytest.raises(input_pipeline.DataError, match=r"tfds dataset 'mnist'.*cannot be opened"):
+    input_pipeline.load_dataset('tfds', str(tmp_path), 'mnist', 10, download=False)
+
+
+def test_epoch_permutation_is_a_seeded_permutation():
+  key = jax.random.key(3)
+  first = np.asarray(input_pipeline.epoch_permutation(key, 0, 1000))
+  assert sorted(first.tolist()) == list(range(1000))
+  np.testing.assert_array_equal(first, input_pipeline.epoch_permutation(jax.random.key(3), 0, 1000))
+  assert not np.array_equal(first, input_pipeline.epoch_permutation(key, 1, 1000))
+
+
+def test_pad_to_multiple_masks_the_padding(mnist):
+  split = input_pipeline.Split(mnist.test.images[:10], mnist.test.labels[:10])
+  padded, mask = input_pipeline.pad_to_multiple(split, 4)
+  assert len(padded.labels) == 12 and mask.tolist() == [True] * 10 + [False] * 2
+  np.testing.assert_array_equal(padded.images[:10], split.images)

@@ -1,0 +1,74 @@
+"""`python -m convnet.main` as a user runs it: outputs, bad overrides, bad data, reused workdirs."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_main(workdir, *overrides):
+  command = [sys.executable, '-m', 'convnet.main', '--config', 'configs/default.py:smoke',
+             '--workdir', str(workdir), *overrides]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_and_writes_every_output(tmp_path):
+  done = run_main(tmp_path / 'run', '--config.data.num_train=512', '--config.model.filters=8',
+                  '--config.model.kernel_size=5', '--config.log_every_steps=2')
+  assert done.returncode == 0, done.stderr
+  assert 'epoch 1/1' in done.stdout and 'test loss' in done.stdout
+  files = sorted(os.listdir(tmp_path / 'run'))
+  assert files == ['config.json', 'metrics.jsonl', 'results.json']
+  with open(tmp_path / 'run' / 'results.json') as f:
+    results = json.load(f)
+  for key in ('test_accuracy', 'test_loss', 'num_params', 'num_epochs', 'train_time_s',
+              'train_images_per_s', 'num_devices', 'device_kind'):
+    assert key in results, key
+  assert results['num_devices'] == 2 and results['num_epochs'] == 1
+  assert results['num_params'] == (5 * 5 * 8 + 8) + (14 * 14 * 8 * 128 + 128) + (128 * 10 + 10)
+  with open(tmp_path / 'run' / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['model']['filters'] == [8] and saved['model']['kernel_size'] == [5]
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records if 'train_loss' in r] == [2, 4]
+  assert records[-1]['test_count'] == 10000
+
+
+def test_cli_per_block_tuple_override(tmp_path):
+  done = run_main(tmp_path / 'run', '--config.data.num_train=256', '--config.model.num_blocks=2',
+                  "--config.model.filters=(4,8)", '--config.model.hidden=()')
+  assert done.returncode == 0, done.stderr
+  assert '[(14, 14, 4), (7, 7, 8)]' in done.stdout
+
+
+def fingerprint(directory):
+  return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+          for name in sorted(os.listdir(directory))}
+
+
+def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
+  cases = [
+      (['--config.model.widht=3'], 'widht'),
+      (['--config.batch_size=abc'], 'batch_size'),
+      (['--config.model.kernel_size=30'], 'model.kernel_size'),
+      (['--config.data.dir=/no/such/mnist'], '/no/such/mnist'),
+  ]
+  for overrides, culprit in cases:
+    done = run_main(tmp_path / 'run', *overrides)
+    assert done.returncode != 0, overrides
+    assert culprit in done.stderr, (overrides, done.stderr[-2000:])
+    assert 'Traceback' not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_cli_refuses_to_overwrite_a_finished_run(tmp_path):
+  workdir = tmp_path / 'run'
+  assert run_main(workdir, '--config.data.num_train=256').returncode == 0
+  before = fingerprint(workdir)
+  again = run_main(workdir, '--config.data.num_train=256')
+  assert again.returncode != 0 and 'already holds a run' in again.stderr
+  assert fingerprint(workdir) == before

@@ -1,0 +1,154 @@
+"""Training: pmap equivalence, exact evaluation, learning on real MNIST, config errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convnet import config_lib, input_pipeline, train
+
+
+def batchnorm_config(smoke_config):
+  config = smoke_config
+  config.model.num_blocks = 2
+  config.model.filters = (8, 16)
+  config.model.norm = ('batch',)
+  return config
+
+
+def run_epoch(config, mnist, devices, num_images=64):
+  """One epoch over the first num_images training images on the given devices."""
+  model = train.build_model(config.model)
+  steps = num_images // config.batch_size
+  init_key, data_key, dropout_key = jax.random.split(jax.random.key(config.seed), 3)
+  state = train.create_train_state(init_key, config, model, (28, 28, 1),
+                                   train.create_learning_rate_fn(config, steps))
+  n = len(devices)
+  replicate = lambda x: train.put_on_devices(np.broadcast_to(x, (n, *x.shape)), devices)
+  epoch = train.parallelize(
+      train.make_train_epoch(steps, config.batch_size // n, mnist.mean, mnist.std),
+      devices, in_axes=(None, 0, 0, None, None))
+  return epoch(state, replicate(mnist.train.images[:num_images]),
+               replicate(mnist.train.labels[:num_images]), data_key, dropout_key)
+
+
+def test_pmap_over_two_devices_equals_one_device_on_the_same_global_batches(smoke_config, mnist):
+  config = batchnorm_config(smoke_config)
+  config.batch_size = 32
+  one_state, one_metrics = run_epoch(config, mnist, jax.local_devices()[:1])
+  two_state, two_metrics = run_epoch(config, mnist, jax.local_devices()[:2])
+  assert int(one_state.step) == int(two_state.step) == 2
+  for one, two in zip(jax.tree_util.tree_leaves((one_state.params, one_state.batch_stats)),
+                      jax.tree_util.tree_leaves((two_state.params, two_state.batch_stats))):
+    np.testing.assert_allclose(one, two, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(one_metrics['loss'], two_metrics['loss'], rtol=1e-5)
+  # The step really moved the parameters and the BatchNorm statistics.
+  fresh = train.create_train_state(jax.random.split(jax.random.key(config.seed), 3)[0], config,
+                                   train.build_model(config.model), (28, 28, 1), lambda s: 0.)
+  assert not np.allclose(fresh.params['ConvBlock_0']['kernel'],
+                         one_state.params['ConvBlock_0']['kernel'])
+  assert not np.allclose(fresh.batch_stats['ConvBlock_1']['BatchNorm_0']['mean'],
+                         one_state.batch_stats['ConvBlock_1']['BatchNorm_0']['mean'])
+
+
+@pytest.mark.parametrize('num_devices,eval_batch_size', [(2, 998), (1, 10000), (2, 3334)])
+def test_evaluation_counts_every_test_image_once(smoke_config, mnist, num_devices,
+                                                 eval_batch_size):
+  config = smoke_config
+  model = train.build_model(config.model)
+  state = train.create_train_state(jax.random.key(0), config, model, (28, 28, 1), lambda s: 0.)
+  devices = jax.local_devices()[:num_devices]
+  arrays = [train.put_on_devices(x, devices) for x in
+            train.shard_for_eval(mnist.test, eval_batch_size, num_devices)]
+  evaluate = train.parallelize(train.make_evaluate(mnist.mean, mnist.std), devices,
+                               in_axes=(None, 0, 0, 0))
+  sums = evaluate(state, *arrays)
+  # Reference: the whole test set through model.apply at once, no batching or padding.
+  logits = jax.jit(model.apply)({'params': state.params},
+                                input_pipeline.normalize(mnist.test.images, mnist.mean, mnist.std))
+  assert int(sums['count']) == 10000
+  assert int(sums['correct']) == int(jnp.sum(jnp.argmax(logits, -1) == mnist.test.labels))
+  np.testing.assert_allclose(sums['loss'] / 10000, train.cross_entropy(
+      logits, mnist.test.labels).mean(), rtol=1e-4)
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_training_real_mnist_learns_and_repeats_exactly(smoke_config, tmp_path):
+  config = smoke_config
+  config.num_epochs = 2
+  config.log_every_steps = 4
+  results = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert results['test_accuracy'] > 0.85  # chance is 0.10; 2 epochs on 2,048 images
+  assert results['test_count'] == 10000 and results['num_devices'] == 2
+  records = [read_jsonl(tmp_path / run / 'metrics.jsonl') for run in 'ab']
+  train_records = [r for r in records[0] if 'train_loss' in r]
+  assert [r['step'] for r in train_records] == list(range(4, 33, 4))
+  assert train_records[-1]['train_loss'] < train_records[0]['train_loss'] / 3
+  strip = lambda rs: [{k: v for k, v in r.items() if k != 'images_per_s'} for r in rs]
+  assert strip(records[0]) == strip(records[1])
+  with open(tmp_path / 'a' / 'config.json') as f:
+    assert json.load(f) == json.loads(json.dumps(config.to_dict()))
+
+
+def test_learning_rate_schedule_warmup_then_cosine(smoke_config):
+  config = smoke_config
+  config.schedule, config.warmup_epochs, config.num_epochs = 'cosine', 1.0, 3
+  lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+  assert float(lr(0)) == 0.0
+  assert float(lr(5)) == pytest.approx(0.5e-3)
+  assert float(lr(10)) == pytest.approx(1e-3)
+  assert float(lr(20)) == pytest.approx(0.5e-3)  # halfway through the cosine part
+  assert float(lr(30)) == pytest.approx(0.0, abs=1e-9)
+
+
+BAD_CONFIGS = [
+    ('model.filters', lambda c: setattr(c.model, 'filters', (0,)), '> 0'),
+    ('model.filters', lambda c: setattr(c.model, 'filters', ('a',)), 'int values'),
+    ('model.filters', lambda c: setattr(c.model, 'filters', (8, 16, 32)), 'num_blocks is 1'),
+    ('learning_rate', lambda c: setattr(c, 'learning_rate', -1.0), '> 0'),
+    ('optimizer', lambda c: setattr(c, 'optimizer', 'adamax'), 'one of'),
+    ('model.pool', lambda c: setattr(c.model, 'pool', ('min',)), 'one of'),
+    ('batch_size', lambda c: setattr(c, 'batch_size', 33), 'not divisible by the 2 devices'),
+    ('model.dropout', lambda c: setattr(c.model, 'dropout', 1.0), r'\[0, 1\)'),
+    ('model.widht', lambda c: c.model.__setattr__('widht', 3), 'unknown config key'),
+    ('model.kernel_size', lambda c: c.model.update(num_blocks=3, kernel_size=(9,),
+                                                   padding=('VALID',)), '9x9 kernel'),
+    ('model.pool_size', lambda c: c.model.update(num_blocks=5, kernel_size=(1,)),
+     'block 4 pools 2x2 windows over a 1x1 feature map'),
+]
+
+
+@pytest.mark.parametrize('key,change,message', BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_bad_config_is_rejected_naming_the_key_before_anything_is_written(
+    smoke_config, tmp_path, key, change, message):
+  change(smoke_config)
+  workdir = tmp_path / 'run'
+  with pytest.raises(config_lib.ConfigError, match=message) as error:
+    train.train_and_evaluate(smoke_config, str(workdir))
+  assert key in str(error.value)
+  assert not workdir.exists()
+
+
+def test_workdir_with_a_finished_run_is_never_overwritten(smoke_config, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'results.json').write_text('{"test_accuracy": 0.99}')
+  with pytest.raises(FileExistsError, match='results.json exists'):
+    train.train_and_evaluate(smoke_config, str(workdir))
+  assert (workdir / 'results.json').read_text() == '{"test_accuracy": 0.99}'
+  assert sorted(os.listdir(workdir)) == ['results.json']
+
+
+def test_non_finite_loss_stops_with_the_step(smoke_config, tmp_path):
+  smoke_config.learning_rate = 1e30
+  smoke_config.optimizer = 'sgd'
+  with pytest.raises(FloatingPointError, match=r'non-finite training loss at step \d+'):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
