@@ -151,10 +151,27 @@ def parallelize(fn: Callable, devices, in_axes) -> Callable:
   return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=None, devices=devices)
 
 
+def parallel_train_epoch(steps_per_epoch: int, batch_size: int, mean: float, std: float,
+                         devices) -> Callable:
+  """(state, images, labels, data_key, dropout_key) -> (state, per-step metrics)."""
+  epoch = make_train_epoch(steps_per_epoch, batch_size // len(devices), mean, std)
+  return parallelize(epoch, devices, in_axes=(None, 0, 0, None, None))
+
+
+def parallel_evaluate(mean: float, std: float, devices) -> Callable:
+  """(state, images, labels, mask), each from shard_for_eval -> summed test metrics."""
+  return parallelize(make_evaluate(mean, std), devices, in_axes=(None, 0, 0, 0))
+
+
 def put_on_devices(x: np.ndarray, devices) -> jax.Array:
   """Places x, shaped [len(devices), ...], with row d on device d."""
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+
+
+def replicate(x: np.ndarray, devices) -> jax.Array:
+  """One copy of x on every device (the training set: each device gathers its own batch)."""
+  return put_on_devices(np.broadcast_to(x, (len(devices), *x.shape)), devices)
 
 
 def shard_for_eval(split: input_pipeline.Split, batch_size: int, num_devices: int):
@@ -244,15 +261,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'{models.feature_shapes(model, image_shape)}; {num_devices} x {devices[0].device_kind}',
         flush=True)
 
-  replicate = lambda x: put_on_devices(np.broadcast_to(x, (num_devices, *x.shape)), devices)
-  train_images, train_labels = replicate(data.train.images), replicate(data.train.labels)
+  train_images, train_labels = (replicate(x, devices) for x in data.train)
   test_arrays = [put_on_devices(x, devices) for x in
                  shard_for_eval(data.test, config.eval_batch_size, num_devices)]
-  train_epoch = parallelize(
-      make_train_epoch(steps_per_epoch, config.batch_size // num_devices, data.mean, data.std),
-      devices, in_axes=(None, 0, 0, None, None))
-  evaluate = parallelize(make_evaluate(data.mean, data.std), devices,
-                         in_axes=(None, 0, 0, 0))
+  train_epoch = parallel_train_epoch(steps_per_epoch, config.batch_size, data.mean, data.std,
+                                     devices)
+  evaluate = parallel_evaluate(data.mean, data.std, devices)
   start = time.time()
   train_epoch = train_epoch.lower(state, train_images, train_labels, data_key,
                                   dropout_key).compile()

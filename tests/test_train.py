@@ -26,13 +26,9 @@ def run_epoch(config, mnist, devices, num_images=64):
   init_key, data_key, dropout_key = jax.random.split(jax.random.key(config.seed), 3)
   state = train.create_train_state(init_key, config, model, (28, 28, 1),
                                    train.create_learning_rate_fn(config, steps))
-  n = len(devices)
-  replicate = lambda x: train.put_on_devices(np.broadcast_to(x, (n, *x.shape)), devices)
-  epoch = train.parallelize(
-      train.make_train_epoch(steps, config.batch_size // n, mnist.mean, mnist.std),
-      devices, in_axes=(None, 0, 0, None, None))
-  return epoch(state, replicate(mnist.train.images[:num_images]),
-               replicate(mnist.train.labels[:num_images]), data_key, dropout_key)
+  epoch = train.parallel_train_epoch(steps, config.batch_size, mnist.mean, mnist.std, devices)
+  return epoch(state, train.replicate(mnist.train.images[:num_images], devices),
+               train.replicate(mnist.train.labels[:num_images], devices), data_key, dropout_key)
 
 
 def test_pmap_over_two_devices_equals_one_device_on_the_same_global_batches(smoke_config, mnist):
@@ -63,8 +59,7 @@ def test_evaluation_counts_every_test_image_once(smoke_config, mnist, num_device
   devices = jax.local_devices()[:num_devices]
   arrays = [train.put_on_devices(x, devices) for x in
             train.shard_for_eval(mnist.test, eval_batch_size, num_devices)]
-  evaluate = train.parallelize(train.make_evaluate(mnist.mean, mnist.std), devices,
-                               in_axes=(None, 0, 0, 0))
+  evaluate = train.parallel_evaluate(mnist.mean, mnist.std, devices)
   sums = evaluate(state, *arrays)
   # Reference: the whole test set through model.apply at once, no batching or padding.
   logits = jax.jit(model.apply)({'params': state.params},
