@@ -2,9 +2,9 @@
 
     python -m convnet.main --config configs/default.py --workdir runs/default
 
-Expected: ~98.9-99.0% MNIST test accuracy after 5 epochs (see README for the
-measured figure). `configs/default.py:smoke` is a seconds-long run on the same
-model for trying things out.
+Expected: ~98.9% MNIST test accuracy after 15 epochs, ~3 minutes on a 2-core CPU
+(see README for the measured figure). `configs/default.py:smoke` is a seconds-long
+run on the same model for trying things out.
 """
 
 import os
@@ -19,12 +19,12 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.seed = 0  # The only source of randomness: init, data order, dropout.
   config.batch_size = 128  # Global mini-batch, split evenly over the devices.
   config.eval_batch_size = 1000  # Test batches; the last one is padded and masked.
-  config.num_epochs = 5
+  config.num_epochs = 15
   config.learning_rate = 1e-3  # Peak learning rate.
   config.optimizer = 'adam'  # 'adam' | 'adamw' | 'sgd'
   config.momentum = 0.9  # sgd only; 0 means plain SGD.
   config.weight_decay = 0.0  # adamw only.
-  config.schedule = 'constant'  # 'constant' | 'cosine' (to 0 at the last step)
+  config.schedule = 'cosine'  # 'constant' | 'cosine' (to 0 at the last step)
   config.warmup_epochs = 0.0  # Linear warmup from 0, before the schedule.
   config.log_every_steps = 100  # Train-metric interval in metrics.jsonl; 0 = once per epoch.
   config.num_devices = 0  # How many local devices to use; 0 = all.
@@ -50,7 +50,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.model.pool_stride = (2,)
   config.model.activation = 'relu'  # Any of models.ACTIVATIONS, for conv and dense layers.
   config.model.hidden = (128,)  # Dense hidden layer widths after flatten; () for none.
-  config.model.dropout = 0.0  # Before each dense layer.
+  config.model.dropout = 0.25  # Before each dense layer.
   config.model.num_classes = 10
   config.model.conv_impl = 'im2col'  # 'im2col' (fast on CPU) | 'xla' (lax.conv)
 
