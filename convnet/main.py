@@ -25,8 +25,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     sys.exit(f'error: {e}')
   except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown key.
-    bad = [a for a in argv[1:] if a.startswith('--config.')]
-    sys.exit(f'error: unknown config key {e} in {" ".join(bad)}')
+    key = str(e).strip('"\'')
+    sys.exit(f'error: unknown config key {key!r}; see configs/default.py for every key')
 
 
 def main(argv: list[str]) -> None:
