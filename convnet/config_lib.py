@@ -61,7 +61,7 @@ def _type_ok(value, kind) -> bool:
   return isinstance(value, kind)
 
 
-def validate(config, num_devices: int) -> None:
+def validate(config, available_devices: int) -> None:
   """Raises ConfigError naming the first key whose value cannot work."""
   flat = flatten(config)
   unknown = sorted(set(flat) - set(SCHEMA))
@@ -89,6 +89,10 @@ def validate(config, num_devices: int) -> None:
   if not math.isfinite(flat['learning_rate']):
     raise ConfigError(f'learning_rate must be finite, got {flat["learning_rate"]!r}')
   block_args(config.model)  # Checks the per-block tuple lengths.
+  if flat['num_devices'] > available_devices:
+    raise ConfigError(f'num_devices={flat["num_devices"]} but only {available_devices} local '
+                      f'devices exist')
+  num_devices = flat['num_devices'] or available_devices
   for key in ('batch_size', 'eval_batch_size'):
     if flat[key] % num_devices:
       raise ConfigError(f'{key}={flat[key]} is not divisible by the {num_devices} devices; '

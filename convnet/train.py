@@ -185,14 +185,6 @@ def shard_for_eval(split: input_pipeline.Split, batch_size: int, num_devices: in
   return layout(padded.images), layout(padded.labels), layout(mask)
 
 
-def local_devices(num_devices: int) -> list:
-  devices = jax.local_devices()
-  if num_devices > len(devices):
-    raise config_lib.ConfigError(f'num_devices={num_devices} but only {len(devices)} local '
-                                 f'devices exist: {devices}')
-  return devices[:num_devices or len(devices)]
-
-
 def prepare_workdir(workdir: str) -> None:
   """Creates workdir; refuses one that already holds a run, so nothing is overwritten."""
   os.makedirs(workdir, exist_ok=True)
@@ -235,9 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the contents of results.json. Every check (config, data, shapes,
   workdir) happens before anything is compiled or written.
   """
-  devices = local_devices(config.num_devices)
+  config_lib.validate(config, jax.local_device_count())
+  devices = jax.local_devices()[:config.num_devices or None]
   num_devices = len(devices)
-  config_lib.validate(config, num_devices)
   data = input_pipeline.load_dataset(config.data.source, config.data.dir, config.data.name,
                                      config.model.num_classes, config.data.download)
   if config.data.num_train:

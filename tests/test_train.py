@@ -113,6 +113,7 @@ BAD_CONFIGS = [
     ('optimizer', lambda c: setattr(c, 'optimizer', 'adamax'), 'one of'),
     ('model.pool', lambda c: setattr(c.model, 'pool', ('min',)), 'one of'),
     ('batch_size', lambda c: setattr(c, 'batch_size', 33), 'not divisible by the 2 devices'),
+    ('num_devices', lambda c: setattr(c, 'num_devices', 3), 'only 2 local devices'),
     ('model.dropout', lambda c: setattr(c.model, 'dropout', 1.0), r'\[0, 1\)'),
     ('model.widht', lambda c: c.model.__setattr__('widht', 3), 'unknown config key'),
     ('model.kernel_size', lambda c: c.model.update(num_blocks=3, kernel_size=(9,),
