@@ -2,8 +2,9 @@
 
     python -m convnet.main --config configs/best.py --workdir runs/best
 
-Three conv blocks (32, 64, 128 filters of 3x3, BatchNorm, 2x2 max pool: 28 -> 14
--> 7 -> 3), dropout, Adam with a one-epoch warmup and cosine decay. Expected:
+Three conv blocks (16, 32, 64 filters of 3x3, BatchNorm, 2x2 max pool: 28 -> 14
+-> 7 -> 3), dense 256, dropout, Adam with a one-epoch warmup and cosine decay, 15
+epochs. Expected:
 >= 99.4% MNIST test accuracy (see README for the measured figure and time).
 """
 
