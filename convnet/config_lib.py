@@ -7,7 +7,10 @@ unknown or missing keys, wrong types and impossible values with the key named;
 """
 
 import math
+import sys
 from typing import Any, Sequence
+
+from absl import flags
 
 from convnet import models
 
@@ -20,6 +23,7 @@ SCHEMA = {
     'seed': int, 'batch_size': int, 'eval_batch_size': int, 'num_epochs': int,
     'learning_rate': float, 'optimizer': str, 'momentum': float, 'weight_decay': float,
     'schedule': str, 'warmup_epochs': float, 'log_every_steps': int, 'num_devices': int,
+    'num_seeds': int, 'checkpoint_every_steps': int, 'keep_checkpoints': int,
     'data.source': str, 'data.dir': str, 'data.name': str, 'data.download': bool,
     'data.num_train': int,
     'model.num_blocks': int, 'model.activation': str, 'model.hidden': tuple,
@@ -32,10 +36,12 @@ CHOICES = {
     'model.conv_impl': models.CONV_IMPLS, 'model.padding': models.PADDINGS,
     'model.norm': models.NORMS, 'model.pool': models.POOLS,
 }
-POSITIVE = ('batch_size', 'eval_batch_size', 'num_epochs', 'learning_rate', 'model.num_blocks',
+POSITIVE = ('batch_size', 'eval_batch_size', 'num_epochs', 'learning_rate', 'num_seeds',
+            'keep_checkpoints', 'model.num_blocks',
             'model.num_classes', 'model.filters', 'model.kernel_size', 'model.stride',
             'model.pool_size', 'model.pool_stride', 'model.hidden')
-NON_NEGATIVE = ('data.num_train', 'momentum', 'weight_decay', 'warmup_epochs', 'log_every_steps', 'num_devices')
+NON_NEGATIVE = ('data.num_train', 'momentum', 'weight_decay', 'warmup_epochs', 'log_every_steps',
+                'num_devices', 'checkpoint_every_steps')
 
 
 class ConfigError(ValueError):
@@ -139,3 +145,14 @@ def check_shapes(model: models.ConvNet, image_shape: Sequence[int]) -> None:
                         f'{model.pool_sizes[i]} windows over a {conv_h}x{conv_w} feature map, '
                         f'leaving less than 1x1')
     h, w = out_h, out_w
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a one-line message, not a traceback, for a bad --config override."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+  except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown key.
+    key = str(e).strip('"\'')
+    sys.exit(f'error: unknown config key {key!r}; see configs/default.py for every key')

@@ -6,38 +6,33 @@
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convnet import config_lib, input_pipeline, train
+from convnet import config_lib, train
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/default.py '
                                          '(or configs/default.py:smoke).', lock_config=True)
 WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for config.json, metrics.jsonl, '
                               'results.json.')
+ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False, 'Resume a workdir even though its config.json differs in keys '
+    'that change results (e.g. to train for more epochs).')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, with a one-line message instead of a traceback for a bad override."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
-  except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown key.
-    key = str(e).strip('"\'')
-    sys.exit(f'error: unknown config key {key!r}; see configs/default.py for every key')
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   try:
-    train.train_and_evaluate(CONFIG.value, WORKDIR.value)
-  except (config_lib.ConfigError, input_pipeline.DataError, FileExistsError,
-          PermissionError) as e:
+    train.train_and_evaluate(CONFIG.value, WORKDIR.value, ALLOW_CONFIG_CHANGE.value)
+  except train.Interrupted as e:
+    print(f'stopped: {e}', file=sys.stderr)
+    sys.exit(train.EXIT_INTERRUPTED)
+  except train.USER_ERRORS as e:
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -6,8 +6,10 @@ place that calls `jax.pmap`. The dataset lives on the devices and a whole epoch
 runs as one compiled `lax.scan`, so there is no host round trip per step.
 """
 
-import json
+import contextlib
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -16,13 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import serialization
 from flax.training import train_state
 from jax import lax
 
-from convnet import config_lib, input_pipeline, models
+from convnet import checkpoint, config_lib, input_pipeline, models
+from convnet import workdir as workdir_lib
 
 AXIS = 'batch'
-OUTPUT_FILES = ('config.json', 'metrics.jsonl', 'results.json')
 
 
 class TrainState(train_state.TrainState):
@@ -103,33 +106,52 @@ def eval_step(state: TrainState, batch):
   return sums
 
 
-def make_train_epoch(steps_per_epoch: int, per_device_batch: int, mean: float, std: float):
-  """A function running one epoch of train_step over the device-resident training set.
+def seed_keys(seed: int, num_seeds: int):
+  """(init, data, dropout) keys, each with a leading axis of num_seeds; seed i is seed + i."""
+  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(seed + jnp.arange(num_seeds))
+  return keys[:, 0], keys[:, 1], keys[:, 2]
 
-  The epoch's order comes from `input_pipeline.epoch_permutation`; global batch i
-  is perm[i*B:(i+1)*B] whatever the number of devices, and device d takes its
-  d-th slice of it. Per-step metrics come back as arrays of length steps_per_epoch.
+
+def create_train_states(init_keys: jax.Array, config, model: models.ConvNet, image_shape,
+                        learning_rate_fn: optax.Schedule) -> TrainState:
+  """One TrainState per init key, stacked along a leading seed axis."""
+  return jax.vmap(lambda key: create_train_state(key, config, model, image_shape,
+                                                 learning_rate_fn))(init_keys)
+
+
+def epoch_permutations(data_keys: jax.Array, epoch: int, num_examples: int) -> jax.Array:
+  """[seeds, num_examples]: each seed's order of the training set in `epoch`."""
+  return jax.vmap(input_pipeline.epoch_permutation, in_axes=(0, None, None))(
+      data_keys, epoch, num_examples)
+
+
+def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int, mean: float,
+                     std: float):
+  """A function running num_steps of train_step for every seed, over device-resident data.
+
+  Global batch j of an epoch is perm[j*B:(j+1)*B] whatever the number of devices,
+  and device d takes its d-th slice of it; the chunk starts at the batch
+  `state.step` points to, so chunks of any length give the same data order.
+  Seeds are a vmapped leading axis of state, perm and dropout_key.
   """
 
-  def train_epoch(state, images, labels, data_key, dropout_key):
+  def chunk(state, images, labels, perm, dropout_key):
     num_devices = lax.psum(1, AXIS)
-    perm = input_pipeline.epoch_permutation(data_key, state.step // steps_per_epoch,
-                                            images.shape[0])
-    offset = lax.axis_index(AXIS) * per_device_batch
+    first = ((state.step % steps_per_epoch) * num_devices + lax.axis_index(AXIS)) * per_device_batch
 
     def body(state, i):
-      idx = lax.dynamic_slice(perm, (i * per_device_batch * num_devices + offset,),
+      idx = lax.dynamic_slice(perm, (first + i * per_device_batch * num_devices,),
                               (per_device_batch,))
       batch = {'image': input_pipeline.normalize(images[idx], mean, std), 'label': labels[idx]}
       return train_step(state, batch, dropout_key)
 
-    return lax.scan(body, state, jnp.arange(steps_per_epoch))
+    return lax.scan(body, state, jnp.arange(num_steps))
 
-  return train_epoch
+  return jax.vmap(chunk, in_axes=(0, None, None, 0, 0))
 
 
 def make_evaluate(mean: float, std: float):
-  """A function summing eval_step over this device's [steps, batch, ...] test shard."""
+  """A function summing eval_step over this device's [steps, batch, ...] test shard, per seed."""
 
   def evaluate(state, images, labels, mask):
     def body(sums, batch):
@@ -143,7 +165,7 @@ def make_evaluate(mean: float, std: float):
     sums, _ = lax.scan(body, zeros, (images, labels, mask))
     return lax.psum(sums, AXIS)
 
-  return evaluate
+  return jax.vmap(evaluate, in_axes=(0, None, None, None))
 
 
 def parallelize(fn: Callable, devices, in_axes) -> Callable:
@@ -151,11 +173,11 @@ def parallelize(fn: Callable, devices, in_axes) -> Callable:
   return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=None, devices=devices)
 
 
-def parallel_train_epoch(steps_per_epoch: int, batch_size: int, mean: float, std: float,
-                         devices) -> Callable:
-  """(state, images, labels, data_key, dropout_key) -> (state, per-step metrics)."""
-  epoch = make_train_epoch(steps_per_epoch, batch_size // len(devices), mean, std)
-  return parallelize(epoch, devices, in_axes=(None, 0, 0, None, None))
+def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, mean: float,
+                         std: float, devices) -> Callable:
+  """(states, images, labels, perms, dropout_keys) -> (states, per-step metrics [steps, seeds])."""
+  chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std)
+  return parallelize(chunk, devices, in_axes=(None, 0, 0, None, None))
 
 
 def parallel_evaluate(mean: float, std: float, devices) -> Callable:
@@ -167,6 +189,12 @@ def put_on_devices(x: np.ndarray, devices) -> jax.Array:
   """Places x, shaped [len(devices), ...], with row d on device d."""
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+
+
+def replicated(devices) -> jax.sharding.NamedSharding:
+  """The sharding of a value held whole on every device (how pmap returns the state)."""
+  return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                    jax.sharding.PartitionSpec())
 
 
 def replicate(x: np.ndarray, devices) -> jax.Array:
@@ -185,56 +213,115 @@ def shard_for_eval(split: input_pipeline.Split, batch_size: int, num_devices: in
   return layout(padded.images), layout(padded.labels), layout(mask)
 
 
-def prepare_workdir(workdir: str) -> None:
-  """Creates workdir; refuses one that already holds a run, so nothing is overwritten."""
-  os.makedirs(workdir, exist_ok=True)
-  for name in OUTPUT_FILES:
-    if os.path.exists(os.path.join(workdir, name)):
-      raise FileExistsError(f'{os.path.join(workdir, name)} exists: {workdir} already holds a '
-                            f'run; choose a new --workdir')
-  if not os.access(workdir, os.W_OK):
-    raise PermissionError(f'{workdir}: workdir is not writable')
+def training_flops_per_image(model_config, state: TrainState, image_shape) -> float:
+  """XLA's FLOP count of one forward and backward pass, per image (one seed's state)."""
+  model = build_model(model_config, axis_name=None)
+  batch = 8
+
+  def loss(params, images, labels):
+    logits, _ = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                            train=True, rngs={'dropout': jax.random.key(0)},
+                            mutable=['batch_stats'])
+    return cross_entropy(logits, labels).mean()
+
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(
+      state.params, jnp.zeros((batch, *image_shape)), jnp.zeros((batch,), jnp.int32)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops']) / batch
 
 
-def write_json(path: str, data: dict) -> None:
-  """Writes via a temporary file and rename, so a crash never leaves half a file."""
-  with open(path + '.tmp', 'w') as f:
-    json.dump(data, f, indent=2)
-  os.replace(path + '.tmp', path)
+def chunk_end(step: int, steps_per_epoch: int, log_every: int) -> int:
+  """Where the chunk starting at `step` stops: the next logging point or the epoch's end.
 
-
-def append_jsonl(path: str, record: dict) -> None:
-  with open(path, 'a') as f:
-    f.write(json.dumps(record) + '\n')
-
-
-def log_records(metrics: dict, first_step: int, log_every: int) -> list[dict]:
-  """Per-step train metrics -> one record per logging interval (or per epoch if 0)."""
-  steps = len(metrics['loss'])
-  every = log_every or steps
-  records = []
-  for start in range(0, steps, every):
-    stop = min(start + every, steps)
-    records.append({'step': first_step + stop,
-                    'train_loss': float(np.mean(metrics['loss'][start:stop])),
-                    'train_accuracy': float(np.mean(metrics['accuracy'][start:stop]))})
-  return records
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains and evaluates the model the config describes; writes everything to workdir.
-
-  Returns the contents of results.json. Every check (config, data, shapes,
-  workdir) happens before anything is compiled or written.
+  Both count from the epoch's start, so at most two chunk lengths are compiled, and
+  a run resumed from any checkpoint runs exactly the chunks it would have run.
   """
-  config_lib.validate(config, jax.local_device_count())
-  devices = jax.local_devices()[:config.num_devices or None]
-  num_devices = len(devices)
+  epoch_start = step - step % steps_per_epoch
+  end = epoch_start + steps_per_epoch
+  if log_every:
+    end = min(end, epoch_start + ((step - epoch_start) // log_every + 1) * log_every)
+  return end
+
+
+def seed_summary(record: dict, name: str, per_seed) -> dict:
+  """record[name] = the mean over seeds, plus record[name + '_per_seed'] when there are several."""
+  per_seed = [float(v) for v in np.ravel(per_seed)]
+  record[name] = float(np.mean(per_seed))
+  if len(per_seed) > 1:
+    record[name + '_per_seed'] = per_seed
+  return record
+
+
+class Interrupted(Exception):
+  """SIGTERM or SIGINT arrived; a checkpoint was saved and rerunning resumes."""
+
+
+# The CLIs' exit code after SIGTERM/SIGINT (EX_TEMPFAIL, "try again later"): a
+# checkpoint was saved and rerunning the same command resumes.
+EXIT_INTERRUPTED = 75
+
+
+# Errors caused by the user's config, data or workdir: the CLIs print them in one line.
+USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError, workdir_lib.ConfigMismatchError,
+               checkpoint.CheckpointError, FloatingPointError, FileExistsError, PermissionError)
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Turns SIGTERM/SIGINT into a request (a list that gets the signal's name).
+
+  The loop checks it between chunks, saves and stops. A second signal acts as usual.
+  Outside the main thread (where Python cannot install handlers) nothing changes.
+  """
+  requested = []
+  if threading.current_thread() is not threading.main_thread():
+    yield requested
+    return
+  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def handler(signum, frame):
+    requested.append(signal.Signals(signum).name)
+    signal.signal(signum, previous[signum])
+
+  for sig in previous:
+    signal.signal(sig, handler)
+  try:
+    yield requested
+  finally:
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+def checkpoint_tree(state: TrainState, keys, times: dict) -> dict:
+  """What a checkpoint holds: the train state, the RNG keys and the time spent so far."""
+  return {'state': serialization.to_state_dict(state),
+          'rng': jax.random.key_data(jnp.stack(keys)),
+          'times': {k: jnp.asarray(v, jnp.float32) for k, v in times.items()}}
+
+
+def load_data(config) -> input_pipeline.Dataset:
   data = input_pipeline.load_dataset(config.data.source, config.data.dir, config.data.name,
                                      config.model.num_classes, config.data.download)
   if config.data.num_train:
     data = data._replace(train=input_pipeline.Split(*(x[:config.data.num_train]
                                                       for x in data.train)))
+  return data
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict:
+  """Trains and evaluates the model the config describes; writes everything to workdir.
+
+  Returns the contents of results.json. Every check (config, data, shapes,
+  workdir) happens before anything is compiled or written. A workdir holding an
+  unfinished run of the same config resumes from its latest checkpoint.
+  """
+  run_start = time.time()
+  config_lib.validate(config, jax.local_device_count())
+  devices = jax.local_devices()[:config.num_devices or None]
+  num_devices = len(devices)
+  data = load_data(config)
   image_shape = data.train.images.shape[1:]
   model = build_model(config.model)
   config_lib.check_shapes(model, image_shape)
@@ -242,64 +329,134 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(f'batch_size={config.batch_size} is larger than the '
                                  f'{len(data.train.labels)} training images')
-  prepare_workdir(workdir)
-  write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  resuming = workdir_lib.prepare(workdir, config.to_dict(), allow_config_change)
 
-  init_key, data_key, dropout_key = jax.random.split(jax.random.key(config.seed), 3)
+  init_keys, data_keys, dropout_keys = seed_keys(config.seed, config.num_seeds)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  state = create_train_state(init_key, config, model, image_shape, learning_rate_fn)
-  num_params = models.count_params(state.params)
-  print(f'{num_params:,} parameters; feature maps '
-        f'{models.feature_shapes(model, image_shape)}; {num_devices} x {devices[0].device_kind}',
-        flush=True)
+  state = create_train_states(init_keys, config, model, image_shape, learning_rate_fn)
+  first_seed = jax.tree_util.tree_map(lambda x: x[0], state)
+  num_params = models.count_params(first_seed.params)
+  flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
+  train_time, earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
+  with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
+       stop_requests() as stop_requested:
+    metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    restored = None
+    if resuming:
+      restored = checkpoint.restore_latest(
+          checkpoints, checkpoint_tree(state, (data_keys, dropout_keys),
+                                       {'train_s': 0.0, 'wall_s': 0.0}))
+    if restored:
+      tree, step = restored
+      state = serialization.from_state_dict(state, tree['state'])
+      data_keys, dropout_keys = jax.random.wrap_key_data(tree['rng'])
+      train_time, earlier_wall_time = (float(tree['times'][k]) for k in ('train_s', 'wall_s'))
+      print(f'resuming {workdir} from its checkpoint at step {step}', flush=True)
+    workdir_lib.keep_records_up_to(metrics_path, int(state.step[0]))
+    print(f'{num_params:,} parameters, {flops_per_image / 1e6:.1f} MFLOP per training image; '
+          f'feature maps {models.feature_shapes(model, image_shape)}; {config.num_seeds} '
+          f'seed(s); {num_devices} x {devices[0].device_kind}', flush=True)
 
-  train_images, train_labels = (replicate(x, devices) for x in data.train)
-  test_arrays = [put_on_devices(x, devices) for x in
-                 shard_for_eval(data.test, config.eval_batch_size, num_devices)]
-  train_epoch = parallel_train_epoch(steps_per_epoch, config.batch_size, data.mean, data.std,
-                                     devices)
-  evaluate = parallel_evaluate(data.mean, data.std, devices)
-  start = time.time()
-  train_epoch = train_epoch.lower(state, train_images, train_labels, data_key,
-                                  dropout_key).compile()
-  evaluate = evaluate.lower(state, *test_arrays).compile()
-  compile_time = time.time() - start
-
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  train_time = 0.0
-  for epoch in range(1, config.num_epochs + 1):
-    first_step = int(state.step)
+    # The state and keys live on every device, as the pmapped functions return them,
+    # so each compiled function sees one sharding whether the state is new or restored.
+    state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
+                                                    replicated(devices))
+    train_images, train_labels = (replicate(x, devices) for x in data.train)
+    test_arrays = [put_on_devices(x, devices) for x in
+                   shard_for_eval(data.test, config.eval_batch_size, num_devices)]
+    num_train = len(data.train.labels)
     start = time.time()
-    state, metrics = train_epoch(state, train_images, train_labels, data_key, dropout_key)
-    metrics = jax.device_get(metrics)  # Blocks: one host sync per epoch.
-    epoch_time = time.time() - start
-    train_time += epoch_time
-    if not np.all(np.isfinite(metrics['loss'])):
-      bad_step = first_step + int(np.argmin(np.isfinite(metrics['loss']))) + 1
-      raise FloatingPointError(f'non-finite training loss at step {bad_step} (epoch {epoch}); '
-                               f'try a lower learning_rate (now {config.learning_rate})')
-    images_per_s = steps_per_epoch * config.batch_size / epoch_time
-    for record in log_records(metrics, first_step, config.log_every_steps):
-      record.update(epoch=epoch, learning_rate=float(learning_rate_fn(record['step'] - 1)),
-                    images_per_s=images_per_s)
-      append_jsonl(metrics_path, record)
-    sums = jax.device_get(evaluate(state, *test_arrays))
-    test = {'step': int(state.step), 'epoch': epoch,
-            'test_loss': float(sums['loss'] / sums['count']),
-            'test_accuracy': float(sums['correct'] / sums['count']),
-            'test_count': int(sums['count'])}
-    append_jsonl(metrics_path, test)
-    print(f'epoch {epoch}/{config.num_epochs}: train loss {np.mean(metrics["loss"]):.4f} '
-          f'accuracy {np.mean(metrics["accuracy"]):.4f} | test loss {test["test_loss"]:.4f} '
-          f'accuracy {test["test_accuracy"]:.4f} | {images_per_s:,.0f} images/s, '
-          f'{epoch_time:.1f}s', flush=True)
+    evaluate = parallel_evaluate(data.mean, data.std, devices).lower(state, *test_arrays).compile()
+    permute = jax.jit(epoch_permutations, static_argnums=2)
+    compile_time = time.time() - start
+    compiled_chunks = {}
 
-  results = {'test_accuracy': test['test_accuracy'], 'test_loss': test['test_loss'],
-             'test_count': test['test_count'], 'num_params': num_params,
+    def compiled_chunk(num_steps, *args):
+      nonlocal compile_time
+      if num_steps not in compiled_chunks:
+        start = time.time()
+        compiled_chunks[num_steps] = parallel_train_chunk(
+            num_steps, steps_per_epoch, config.batch_size, data.mean, data.std,
+            devices).lower(*args).compile()
+        compile_time += time.time() - start
+      return compiled_chunks[num_steps]
+
+    def run_evaluation():
+      sums = jax.device_get(evaluate(state, *test_arrays))
+      record = {'step': int(state.step[0]), 'epoch': int(state.step[0]) // steps_per_epoch,
+                'test_count': int(sums['count'][0])}
+      seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
+      return seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
+
+    def save():
+      checkpoint.save(checkpoints, int(state.step[0]),
+                      checkpoint_tree(state, (data_keys, dropout_keys),
+                                      {'train_s': train_time,
+                                       'wall_s': earlier_wall_time + time.time() - run_start}))
+      return int(state.step[0])
+
+    total_steps = config.num_epochs * steps_per_epoch
+    step = last_saved = int(state.step[0])
+    test, perms, epoch_metrics, epoch_time = None, None, [], 0.0
+    while step < total_steps:
+      epoch = step // steps_per_epoch
+      if perms is None or step % steps_per_epoch == 0:
+        perms = jax.device_put(permute(data_keys, epoch, num_train), replicated(devices))
+      end = chunk_end(step, steps_per_epoch, config.log_every_steps)
+      args = (state, train_images, train_labels, perms, dropout_keys)
+      train_chunk = compiled_chunk(end - step, *args)
+      chunk_start = time.time()
+      state, metrics = train_chunk(*args)
+      metrics = jax.device_get(metrics)  # [seeds, steps]. Blocks: one host sync per chunk.
+      chunk_time = time.time() - chunk_start
+      train_time += chunk_time
+      epoch_time += chunk_time
+      finite = np.isfinite(metrics['loss']).all(axis=0)
+      if not finite.all():
+        raise FloatingPointError(
+            f'non-finite training loss at step {step + int(np.argmin(finite)) + 1} (epoch '
+            f'{epoch + 1}); the last good checkpoint (step {last_saved}) is kept; try a lower '
+            f'learning_rate (now {config.learning_rate})')
+      epoch_metrics.append(metrics)
+      record = {'step': end, 'epoch': epoch + 1,
+                'learning_rate': float(learning_rate_fn(end - 1)),
+                'images_per_s': (end - step) * config.batch_size * config.num_seeds / chunk_time}
+      seed_summary(record, 'train_loss', metrics['loss'].mean(axis=1))
+      workdir_lib.append_jsonl(metrics_path,
+                               seed_summary(record, 'train_accuracy',
+                                            metrics['accuracy'].mean(axis=1)))
+      step = end
+      if step % steps_per_epoch == 0:
+        test = run_evaluation()
+        workdir_lib.append_jsonl(metrics_path, test)
+        losses = np.concatenate([m['loss'] for m in epoch_metrics], axis=1)
+        accuracies = np.concatenate([m['accuracy'] for m in epoch_metrics], axis=1)
+        print(f'epoch {epoch + 1}/{config.num_epochs}: train loss {losses.mean():.4f} accuracy '
+              f'{accuracies.mean():.4f} | test loss {test["test_loss"]:.4f} accuracy '
+              f'{test["test_accuracy"]:.4f} | '
+              f'{losses.size * config.batch_size / epoch_time:,.0f} '
+              f'images/s, {epoch_time:.1f}s', flush=True)
+        epoch_metrics, epoch_time = [], 0.0
+      if (step % steps_per_epoch == 0 or stop_requested or
+          (config.checkpoint_every_steps and step - last_saved >= config.checkpoint_every_steps)):
+        last_saved = save()
+      if stop_requested:
+        raise Interrupted(f'{stop_requested[0]} at step {step}: checkpoint saved in '
+                          f'{checkpoints.directory}; rerun the same command to resume')
+
+  if test is None or test['step'] != step:
+    test = run_evaluation()
+  results = {**{k: v for k, v in test.items() if k.startswith('test_')},
+             'num_seeds': config.num_seeds,
+             'seeds': [config.seed + i for i in range(config.num_seeds)],
+             'num_params': num_params, 'flops_per_image': flops_per_image,
              'num_epochs': config.num_epochs, 'train_time_s': train_time,
              'compile_time_s': compile_time,
              'train_images_per_s': config.num_epochs * steps_per_epoch * config.batch_size
-                                   / train_time,
+                                   * config.num_seeds / max(train_time, 1e-9),
+             'wall_time_s': earlier_wall_time + time.time() - run_start,
              'num_devices': num_devices, 'device_kind': devices[0].device_kind}
-  write_json(os.path.join(workdir, 'results.json'), results)
+  if 'test_accuracy_per_seed' in test:
+    results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
+  workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
   return results

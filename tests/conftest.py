@@ -1,5 +1,6 @@
 """Two fake CPU devices for every test: XLA_FLAGS must be set before jax is imported."""
 
+import hashlib
 import os
 import sys
 
@@ -30,3 +31,20 @@ def smoke_config():
 
 def pytest_configure(config):
   assert jax.local_device_count() == 2, 'XLA_FLAGS was set too late: jax saw one device'
+
+
+def fingerprint(directory) -> dict[str, str]:
+  """sha256 of every file under directory, by relative path: proof nothing was touched."""
+  hashes = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        hashes[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return hashes
+
+
+def main_command(workdir, *overrides, config='configs/default.py:smoke') -> list[str]:
+  """`python -m convnet.main` as a user types it (run it with cwd=REPO)."""
+  return [sys.executable, '-m', 'convnet.main', '--config', config, '--workdir', str(workdir),
+          *overrides]

@@ -1,18 +1,15 @@
 """`python -m convnet.main` as a user runs it: outputs, bad overrides, bad data, reused workdirs."""
 
-import hashlib
 import json
 import os
 import subprocess
-import sys
 
-from conftest import REPO
+from conftest import REPO, fingerprint, main_command
 
 
 def run_main(workdir, *overrides):
-  command = [sys.executable, '-m', 'convnet.main', '--config', 'configs/default.py:smoke',
-             '--workdir', str(workdir), *overrides]
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  return subprocess.run(main_command(workdir, *overrides), cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
 
 
 def test_cli_trains_and_writes_every_output(tmp_path):
@@ -21,7 +18,7 @@ def test_cli_trains_and_writes_every_output(tmp_path):
   assert done.returncode == 0, done.stderr
   assert 'epoch 1/1' in done.stdout and 'test loss' in done.stdout
   files = sorted(os.listdir(tmp_path / 'run'))
-  assert files == ['config.json', 'metrics.jsonl', 'results.json']
+  assert files == ['checkpoints', 'config.json', 'metrics.jsonl', 'results.json']
   with open(tmp_path / 'run' / 'results.json') as f:
     results = json.load(f)
   for key in ('test_accuracy', 'test_loss', 'num_params', 'num_epochs', 'train_time_s',
@@ -45,11 +42,6 @@ def test_cli_per_block_tuple_override(tmp_path):
   assert '[(14, 14, 4), (7, 7, 8)]' in done.stdout
 
 
-def fingerprint(directory):
-  return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
-          for name in sorted(os.listdir(directory))}
-
-
 def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
   cases = [
       (['--config.model.widht=3'], 'widht'),
@@ -70,5 +62,5 @@ def test_cli_refuses_to_overwrite_a_finished_run(tmp_path):
   assert run_main(workdir, '--config.data.num_train=256').returncode == 0
   before = fingerprint(workdir)
   again = run_main(workdir, '--config.data.num_train=256')
-  assert again.returncode != 0 and 'already holds a run' in again.stderr
+  assert again.returncode != 0 and 'holds a finished run' in again.stderr
   assert fingerprint(workdir) == before

@@ -21,15 +21,18 @@ def batchnorm_config(smoke_config):
 
 
 def run_epoch(config, mnist, devices, num_images=64):
-  """One epoch over the first num_images training images on the given devices."""
+  """One epoch over the first num_images training images on the given devices (one seed)."""
   model = train.build_model(config.model)
   steps = num_images // config.batch_size
-  init_key, data_key, dropout_key = jax.random.split(jax.random.key(config.seed), 3)
-  state = train.create_train_state(init_key, config, model, (28, 28, 1),
-                                   train.create_learning_rate_fn(config, steps))
-  epoch = train.parallel_train_epoch(steps, config.batch_size, mnist.mean, mnist.std, devices)
-  return epoch(state, train.replicate(mnist.train.images[:num_images], devices),
-               train.replicate(mnist.train.labels[:num_images], devices), data_key, dropout_key)
+  init_keys, data_keys, dropout_keys = train.seed_keys(config.seed, 1)
+  state = train.create_train_states(init_keys, config, model, (28, 28, 1),
+                                    train.create_learning_rate_fn(config, steps))
+  chunk = train.parallel_train_chunk(steps, steps, config.batch_size, mnist.mean, mnist.std,
+                                     devices)
+  state, metrics = chunk(state, train.replicate(mnist.train.images[:num_images], devices),
+                         train.replicate(mnist.train.labels[:num_images], devices),
+                         train.epoch_permutations(data_keys, 0, num_images), dropout_keys)
+  return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))
 
 
 def test_pmap_over_two_devices_equals_one_device_on_the_same_global_batches(smoke_config, mnist):
@@ -56,19 +59,23 @@ def test_evaluation_counts_every_test_image_once(smoke_config, mnist, num_device
                                                  eval_batch_size):
   config = smoke_config
   model = train.build_model(config.model)
-  state = train.create_train_state(jax.random.key(0), config, model, (28, 28, 1), lambda s: 0.)
+  states = train.create_train_states(jax.random.split(jax.random.key(0), 2), config, model,
+                                     (28, 28, 1), lambda s: 0.)
   devices = jax.local_devices()[:num_devices]
   arrays = [train.put_on_devices(x, devices) for x in
             train.shard_for_eval(mnist.test, eval_batch_size, num_devices)]
   evaluate = train.parallel_evaluate(mnist.mean, mnist.std, devices)
-  sums = evaluate(state, *arrays)
-  # Reference: the whole test set through model.apply at once, no batching or padding.
-  logits = jax.jit(model.apply)({'params': state.params},
-                                input_pipeline.normalize(mnist.test.images, mnist.mean, mnist.std))
-  assert int(sums['count']) == 10000
-  assert int(sums['correct']) == int(jnp.sum(jnp.argmax(logits, -1) == mnist.test.labels))
-  np.testing.assert_allclose(sums['loss'] / 10000, train.cross_entropy(
-      logits, mnist.test.labels).mean(), rtol=1e-4)
+  sums = evaluate(states, *arrays)  # Two seeds' models at once.
+  for seed in range(2):
+    # Reference: the whole test set through model.apply at once, no batching or padding.
+    params = jax.tree_util.tree_map(lambda x: x[seed], states.params)
+    logits = jax.jit(model.apply)({'params': params}, input_pipeline.normalize(
+        mnist.test.images, mnist.mean, mnist.std))
+    assert int(sums['count'][seed]) == 10000
+    assert int(sums['correct'][seed]) == int(jnp.sum(jnp.argmax(logits, -1) == mnist.test.labels))
+    np.testing.assert_allclose(sums['loss'][seed] / 10000, train.cross_entropy(
+        logits, mnist.test.labels).mean(), rtol=1e-4)
+  assert sums['correct'][0] != sums['correct'][1]  # Two different models were evaluated.
 
 
 def read_jsonl(path):
@@ -149,3 +156,21 @@ def test_non_finite_loss_stops_with_the_step(smoke_config, tmp_path):
   smoke_config.optimizer = 'sgd'
   with pytest.raises(FloatingPointError, match=r'non-finite training loss at step \d+'):
     train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+
+
+def test_vmapped_seeds_match_each_seed_trained_alone(smoke_config, tmp_path):
+  config = smoke_config
+  config.data.num_train, config.num_seeds = 1024, 2
+  together = train.train_and_evaluate(config, str(tmp_path / 'together'))
+  config.num_seeds = 1
+  for seed in (0, 1):
+    config.seed = seed
+    alone = train.train_and_evaluate(config, str(tmp_path / f'seed{seed}'))
+    assert together['test_accuracy_per_seed'][seed] == pytest.approx(alone['test_accuracy'],
+                                                                     abs=2e-3)
+    assert together['test_loss_per_seed'][seed] == pytest.approx(alone['test_loss'], rel=2e-3)
+  assert together['seeds'] == [0, 1]
+  per_seed = together['test_accuracy_per_seed']
+  assert per_seed[0] != per_seed[1]  # Different seeds: different inits, orders and masks.
+  assert together['test_accuracy'] == pytest.approx(np.mean(per_seed))
+  assert together['test_accuracy_std'] == pytest.approx(np.std(per_seed, ddof=1))

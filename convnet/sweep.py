@@ -1,0 +1,175 @@
+"""Sweeps: one base config, a list of override points, each trained in its own workdir.
+
+An experiment file (experiments/*.py) has `get_config()` (the base) and
+`get_sweep()` (the points), built from small sweeps:
+
+    product(values('model.filters', [8, 16]), values('model.kernel_size', [3, 5]))
+    # -> [{'model.filters': 8, 'model.kernel_size': 3}, ... 4 points]
+    zipped(values('model.num_blocks', [1, 2]), values('model.filters', [(32,), (32, 64)]))
+    # -> [{'model.num_blocks': 1, 'model.filters': (32,)}, ... 2 points]
+
+    python -m convnet.sweep --config experiments/filters_kernel.py --workdir runs/fk \
+        [--config.num_epochs=1] [--num_workers=N --worker_index=K]
+
+Each point's workdir is named after its overrides. A point with a results.json is
+skipped, an unfinished one resumes from its checkpoint, so rerunning the command
+finishes a sweep. Worker K of N runs points K, K+N, K+2N, ...: any scheduler
+(Slurm arrays, several Colab sessions) can split a sweep over a shared filesystem.
+"""
+
+import importlib.util
+import itertools
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from convnet import config_lib, report, train, workdir
+
+SWEEP_FILE = 'sweep.json'
+
+
+def values(key: str, vals) -> list[dict]:
+  """One key taking each of vals: [{key: v} for v in vals]."""
+  return [{key: v} for v in vals]
+
+
+def product(*sweeps: list[dict]) -> list[dict]:
+  """Every combination of one point from each sweep (the last varies fastest)."""
+  return [dict(itertools.chain.from_iterable(p.items() for p in combo))
+          for combo in itertools.product(*sweeps)]
+
+
+def zipped(*sweeps: list[dict]) -> list[dict]:
+  """The i-th points of all sweeps merged; the sweeps must have equal lengths."""
+  lengths = {len(s) for s in sweeps}
+  if len(lengths) > 1:
+    raise ValueError(f'zipped sweeps have different lengths {sorted(lengths)}')
+  return [dict(itertools.chain.from_iterable(p.items() for p in combo))
+          for combo in zip(*sweeps)]
+
+
+def _format(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return '-'.join(_format(v) for v in value) or 'none'
+  return str(value)
+
+
+def point_name(overrides: dict) -> str:
+  """'model.filters=8,model.kernel_size=3': the point's workdir name."""
+  return ','.join(f'{key}={_format(value)}' for key, value in overrides.items()) or 'base'
+
+
+def apply_overrides(base, overrides: dict):
+  """A copy of base with overrides set; a scalar for a per-block tuple key means all blocks."""
+  config = base.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      if parent not in node:
+        raise config_lib.ConfigError(f'sweep override {key!r}: unknown config key')
+      node = node[parent]
+    if leaf not in node:
+      raise config_lib.ConfigError(f'sweep override {key!r}: unknown config key')
+    if isinstance(node[leaf], tuple) and not isinstance(value, (tuple, list)):
+      value = (value,)
+    try:
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+    except TypeError as e:
+      raise config_lib.ConfigError(f'sweep override {key}={value!r}: {e}') from e
+  return config
+
+
+def expand(base, points: list[dict], available_devices: int) -> list[tuple[str, object]]:
+  """[(name, config)] for every point, each validated: errors name the point and the key."""
+  expanded = []
+  for overrides in points:
+    name = point_name(overrides)
+    config = apply_overrides(base, overrides)
+    try:
+      config_lib.validate(config, available_devices)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f'sweep point {name}: {e}') from e
+    expanded.append((name, config))
+  names = [name for name, _ in expanded]
+  if len(set(names)) != len(names):
+    raise config_lib.ConfigError(f'sweep has repeated points: {names}')
+  return expanded
+
+
+def load_sweep(path: str) -> list[dict]:
+  """get_sweep() of an experiment file (given as for --config, an optional ':arg' ignored)."""
+  path = path.split(':')[0]
+  spec = importlib.util.spec_from_file_location('experiment', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_sweep'):
+    raise config_lib.ConfigError(f'{path} has no get_sweep(): not an experiment file')
+  return module.get_sweep()
+
+
+def worker_share(num_points: int, num_workers: int, worker_index: int) -> list[int]:
+  """The point indices worker_index of num_workers runs: a fixed, disjoint partition."""
+  if not 0 <= worker_index < num_workers:
+    raise config_lib.ConfigError(f'--worker_index={worker_index} must be in [0, '
+                                 f'--num_workers={num_workers})')
+  return list(range(worker_index, num_points, num_workers))
+
+
+def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
+        worker_index: int = 0) -> list[dict]:
+  """Trains this worker's unfinished points; returns the table of everything on disk.
+
+  The table rows are plain dicts (see report.collect), so a notebook needs no pandas.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  expanded = expand(base, points, jax.local_device_count())
+  share = worker_share(len(expanded), num_workers, worker_index)
+  os.makedirs(sweep_dir, exist_ok=True)
+  workdir.write_json(os.path.join(sweep_dir, SWEEP_FILE),
+                     [{'name': name, 'overrides': overrides}
+                      for (name, _), overrides in zip(expanded, points)])
+  todo = [i for i in share if not os.path.exists(
+      os.path.join(sweep_dir, expanded[i][0], 'results.json'))]
+  print(f'sweep {sweep_dir}: {len(expanded)} points, {len(share)} for worker {worker_index} of '
+        f'{num_workers}, {len(share) - len(todo)} already done', flush=True)
+  start = time.time()
+  for done, i in enumerate(todo):
+    name, config = expanded[i]
+    eta = ''
+    if done:
+      eta = f', ETA {(time.time() - start) / done * (len(todo) - done) / 60:.1f} min'
+    print(f'== point {i + 1} of {len(expanded)} ({done + 1}/{len(todo)} to run{eta}): {name}',
+          flush=True)
+    train.train_and_evaluate(config, os.path.join(sweep_dir, name))
+  rows = report.collect(sweep_dir)
+  report.write(sweep_dir, rows)
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  try:
+    points = load_sweep(flags.FLAGS['config'].config_filename)
+    rows = run(CONFIG.value, points, WORKDIR.value, NUM_WORKERS.value, WORKER_INDEX.value)
+  except train.Interrupted as e:
+    print(f'stopped: {e}', file=sys.stderr)
+    sys.exit(train.EXIT_INTERRUPTED)
+  except train.USER_ERRORS as e:
+    sys.exit(f'error: {e}')
+  print(report.markdown_table(rows))
+
+
+if __name__ == '__main__':
+  CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. '
+                                           'experiments/filters_kernel.py.', lock_config=True)
+  WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: one sub-workdir per point.')
+  NUM_WORKERS = flags.DEFINE_integer('num_workers', 1, 'Split the points over this many workers.')
+  WORKER_INDEX = flags.DEFINE_integer('worker_index', 0, 'Which worker this is, 0-based.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main, flags_parser=config_lib.parse_flags)

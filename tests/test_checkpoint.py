@@ -1,0 +1,248 @@
+"""Checkpoints and resuming: SIGKILL, SIGTERM, changed configs, corrupt files, full disks, NaNs."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, fingerprint, main_command
+from convnet import checkpoint, config_lib, input_pipeline, train, workdir
+
+# 4,096 images = 32 steps per epoch; a chunk and a checkpoint every 4 steps.
+RUN = ('--config.num_epochs=2', '--config.data.num_train=4096', '--config.log_every_steps=4',
+       '--config.checkpoint_every_steps=4')
+
+
+def final_params(run_dir):
+  """The params of the newest checkpoint, as numpy arrays by path."""
+  with ocp.CheckpointManager(os.path.abspath(run_dir / 'checkpoints')) as manager:
+    tree = manager.restore(manager.latest_step())
+  return {path: np.asarray(x) for path, x in
+          ocp.tree.to_flat_dict(tree['state']['params'], sep='/').items()}
+
+
+def results(run_dir):
+  with open(run_dir / 'results.json') as f:
+    data = json.load(f)
+  return {k: v for k, v in data.items() if k.startswith('test_')}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp('uninterrupted') / 'run'
+  done = subprocess.run(main_command(run_dir, *RUN), cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  return run_dir
+
+
+def start_and_signal(run_dir, sig, after_step):
+  """Starts a run and sends `sig` once metrics.jsonl shows `after_step`; returns the process."""
+  log = open(run_dir.parent / f'{run_dir.name}.log', 'w+')  # Not a pipe: it could fill up.
+  process = subprocess.Popen(main_command(run_dir, *RUN), cwd=REPO, stdout=log, stderr=log,
+                             text=True)
+  metrics = run_dir / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    steps = [r['step'] for r in workdir.read_jsonl(metrics)] if metrics.exists() else []
+    if steps and max(steps) >= after_step:
+      process.send_signal(sig)
+      break
+    time.sleep(0.02)
+  process.wait(timeout=240)
+  log.seek(0)
+  return process, log.read()
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run_bitwise(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'run'
+  killed, _ = start_and_signal(run_dir, signal.SIGKILL, after_step=38)
+  assert killed.returncode == -signal.SIGKILL
+  assert not (run_dir / 'results.json').exists()  # It really died mid-run.
+  resumed = subprocess.run(main_command(run_dir, *RUN), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr
+  assert 'resuming' in resumed.stdout
+  resumed_from = int(resumed.stdout.split('checkpoint at step ')[1].split()[0])
+  assert 0 < resumed_from < 64
+  assert results(run_dir) == results(uninterrupted)
+  expected = final_params(uninterrupted)
+  got = final_params(run_dir)
+  assert expected.keys() == got.keys()
+  for path in expected:
+    np.testing.assert_array_equal(got[path], expected[path], err_msg=path)
+  # Metrics: every step once, as in the uninterrupted run (timings aside).
+  strip = lambda rs: [{k: v for k, v in r.items() if k != 'images_per_s'} for r in rs]
+  assert (strip(workdir.read_jsonl(run_dir / 'metrics.jsonl')) ==
+          strip(workdir.read_jsonl(uninterrupted / 'metrics.jsonl')))
+
+
+def test_sigterm_saves_exits_75_and_the_rerun_finishes_the_run(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'run'
+  stopped, stderr = start_and_signal(run_dir, signal.SIGTERM, after_step=8)
+  assert stopped.returncode == 75, stderr
+  assert 'SIGTERM at step' in stderr and 'rerun the same command to resume' in stderr
+  step = int(stderr.split('SIGTERM at step ')[1].split(':')[0])
+  assert str(step) in os.listdir(run_dir / 'checkpoints')
+  resumed = subprocess.run(main_command(run_dir, *RUN), cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'checkpoint at step {step}' in resumed.stdout
+  assert results(run_dir) == results(uninterrupted)
+
+
+def unfinished_run(smoke_config, path, **changes):
+  """A workdir as a crash leaves it: trained and checkpointed, but no results.json."""
+  smoke_config.update(changes)
+  train.train_and_evaluate(smoke_config, str(path))
+  finished = json.loads((path / 'results.json').read_text())
+  os.remove(path / 'results.json')
+  return finished
+
+
+def test_resume_with_a_different_config_is_refused_with_a_diff(smoke_config, tmp_path):
+  run_dir = tmp_path / 'run'
+  unfinished_run(smoke_config, run_dir)
+  before = fingerprint(run_dir)
+  changed = smoke_config.copy_and_resolve_references()
+  changed.learning_rate = 0.002
+  changed.model.filters = (16,)
+  with pytest.raises(workdir.ConfigMismatchError) as error:
+    train.train_and_evaluate(changed, str(run_dir))
+  message = str(error.value)
+  assert 'learning_rate: 0.001 -> 0.002' in message and 'model.filters: (32,) -> (16,)' in message
+  assert '--allow_config_change' in message
+  assert fingerprint(run_dir) == before
+  # Keys that do not change results may differ; more epochs with the explicit flag.
+  longer = smoke_config.copy_and_resolve_references()
+  longer.num_epochs, longer.log_every_steps = 2, 5
+  extended = train.train_and_evaluate(longer, str(run_dir), allow_config_change=True)
+  assert extended['num_epochs'] == 2
+  assert sorted(os.listdir(run_dir / 'checkpoints')) == ['16', '32']
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_path,
+                                                                    capfd, damage):
+  run_dir = tmp_path / 'run'
+  finished = unfinished_run(smoke_config, run_dir, num_epochs=2)
+  latest = run_dir / 'checkpoints' / '32'
+  data_files = [os.path.join(root, name) for root, _, names in os.walk(latest)
+                for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
+  assert data_files
+  for path in data_files:
+    if damage == 'truncate':
+      with open(path, 'r+b') as f:
+        f.truncate(5)
+    else:
+      os.remove(path)
+  again = train.train_and_evaluate(smoke_config, str(run_dir))
+  captured = capfd.readouterr()
+  assert f'checkpoint {latest} does not restore' in captured.err
+  assert 'from its checkpoint at step 16' in captured.out
+  assert os.listdir(run_dir / 'checkpoints.damaged') == ['32']  # Kept for a post-mortem.
+  assert again['test_accuracy'] == finished['test_accuracy']  # Retrained epoch 2 exactly.
+
+
+def test_no_intact_checkpoint_is_an_error_naming_the_directory(smoke_config, tmp_path):
+  run_dir = tmp_path / 'run'
+  unfinished_run(smoke_config, run_dir, num_epochs=2)
+  for root, _, names in os.walk(run_dir / 'checkpoints'):
+    for name in names:
+      if name == 'manifest.ocdbt':
+        os.remove(os.path.join(root, name))
+  before = fingerprint(run_dir)
+  with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in .*checkpoints restores'):
+    train.train_and_evaluate(smoke_config, str(run_dir))
+  assert fingerprint(run_dir) == before
+
+
+def test_a_checkpoint_of_another_model_is_refused(smoke_config, tmp_path):
+  run_dir, other_dir = tmp_path / 'run', tmp_path / 'other'
+  unfinished_run(smoke_config, run_dir)
+  other = smoke_config.copy_and_resolve_references()
+  other.model.filters = (8,)
+  train.train_and_evaluate(other, str(other_dir))
+  shutil.rmtree(run_dir / 'checkpoints')
+  shutil.copytree(other_dir / 'checkpoints', run_dir / 'checkpoints')
+  before = fingerprint(run_dir)
+  with pytest.raises(checkpoint.CheckpointError, match=str(run_dir / 'checkpoints')):
+    train.train_and_evaluate(smoke_config, str(run_dir))
+  assert fingerprint(run_dir) == before
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(smoke_config, tmp_path):
+  run_dir = tmp_path / 'run'
+  unfinished_run(smoke_config, run_dir)  # Checkpoint 16 of the 804,554-parameter model.
+  before = fingerprint(run_dir / 'checkpoints' / '16')
+
+  def small_disk():  # Any file write beyond 256 kB fails, as on a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+  command = main_command(run_dir, '--config.num_epochs=2', '--allow_config_change')
+  full = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        preexec_fn=small_disk)
+  assert full.returncode == 1, full.stderr
+  # Orbax's threads log their own tracebacks; ours is one line starting 'error:'.
+  assert '\nerror: could not write the checkpoint of step 32' in full.stderr
+  assert 'File too large' in full.stderr and 'checkpoints before it are intact: [16]' in full.stderr
+  assert fingerprint(run_dir / 'checkpoints' / '16') == before
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert 'checkpoint at step 16' in done.stdout
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(smoke_config,
+                                                                              tmp_path):
+  run_dir = tmp_path / 'run'
+  unfinished_run(smoke_config, run_dir)
+  before = fingerprint(run_dir / 'checkpoints')
+  exploding = smoke_config.copy_and_resolve_references()
+  exploding.num_epochs, exploding.learning_rate = 2, 1e30
+  # Step 17 (the first after the checkpoint) still has good params, so its loss is
+  # finite; its Adam update of ~1e30 makes step 18's loss the first non-finite one.
+  with pytest.raises(FloatingPointError, match=r'non-finite training loss at step 18 .*'
+                                               r'last good checkpoint \(step 16\) is kept'):
+    train.train_and_evaluate(exploding, str(run_dir), allow_config_change=True)
+  assert fingerprint(run_dir / 'checkpoints') == before
+
+
+def test_unwritable_workdir_is_an_error_naming_it(smoke_config, tmp_path):
+  (tmp_path / 'file').write_text('not a directory')
+  with pytest.raises(PermissionError, match='file/run: cannot create the workdir'):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'file' / 'run'))
+
+
+BAD_DATA = [
+    ('mnist: data directory not found', lambda d: shutil.rmtree(d)),
+    ('train-images-idx3-ubyte.gz', lambda d: (d / 'train-images-idx3-ubyte.gz').write_bytes(
+        (d / 'train-images-idx3-ubyte.gz').read_bytes()[:5000])),
+    ('t10k-labels-idx1-ubyte.gz', lambda d: shutil.copy(d / 't10k-images-idx3-ubyte.gz',
+                                                        d / 't10k-labels-idx1-ubyte.gz')),
+]
+
+
+@pytest.mark.parametrize('culprit,damage', BAD_DATA, ids=['missing-dir', 'truncated-gz', 'wrong-magic'])
+def test_bad_data_or_config_on_an_existing_run_changes_nothing(smoke_config, tmp_path, culprit,
+                                                               damage):
+  run_dir = tmp_path / 'run'
+  unfinished_run(smoke_config, run_dir)
+  before = fingerprint(run_dir)
+  data_dir = tmp_path / 'mnist'
+  shutil.copytree(smoke_config.data.dir, data_dir)
+  damage(data_dir)
+  smoke_config.data.dir = str(data_dir)  # data.dir may change on resume; bad files may not.
+  with pytest.raises(input_pipeline.DataError, match=culprit):
+    train.train_and_evaluate(smoke_config, str(run_dir))
+  smoke_config.data.dir, smoke_config.model.kernel_size = str(data_dir), (40,)
+  with pytest.raises((config_lib.ConfigError, input_pipeline.DataError)):
+    train.train_and_evaluate(smoke_config, str(run_dir))
+  assert fingerprint(run_dir) == before

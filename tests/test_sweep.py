@@ -1,0 +1,143 @@
+"""Sweeps: expansion, bad overrides, resuming after a kill, worker shares, the report."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from convnet import config_lib, report, sweep, workdir
+
+
+def test_product_and_zipped_give_the_right_points_and_names():
+  points = sweep.product(sweep.values('model.filters', [8, 16]),
+                         sweep.values('model.kernel_size', [1, 3, 5]))
+  assert len(points) == 6
+  assert points[0] == {'model.filters': 8, 'model.kernel_size': 1}
+  assert points[-1] == {'model.filters': 16, 'model.kernel_size': 5}
+  assert sweep.point_name(points[1]) == 'model.filters=8,model.kernel_size=3'
+  zipped = sweep.zipped(sweep.values('model.num_blocks', [1, 2]),
+                        sweep.values('model.filters', [(32,), (32, 64)]))
+  assert zipped == [{'model.num_blocks': 1, 'model.filters': (32,)},
+                    {'model.num_blocks': 2, 'model.filters': (32, 64)}]
+  assert sweep.point_name(zipped[1]) == 'model.num_blocks=2,model.filters=32-64'
+  with pytest.raises(ValueError, match='different lengths'):
+    sweep.zipped(sweep.values('seed', [0, 1]), sweep.values('model.filters', [8]))
+
+
+def test_overrides_set_per_block_tuples_and_unknown_keys_fail_naming_them(smoke_config):
+  config = sweep.apply_overrides(smoke_config, {'model.filters': 8, 'learning_rate': 0.01})
+  assert config.model.filters == (8,) and config.learning_rate == 0.01
+  assert smoke_config.model.filters == (32,)  # The base is untouched.
+  with pytest.raises(config_lib.ConfigError, match="'model.widht': unknown config key"):
+    sweep.expand(smoke_config, [{'model.filters': 8}, {'model.widht': 3}], 2)
+  with pytest.raises(config_lib.ConfigError,
+                     match='sweep point model.filters=0: model.filters must be > 0'):
+    sweep.expand(smoke_config, [{'model.filters': 0}], 2)
+
+
+def test_worker_shares_are_disjoint_and_cover_every_point():
+  shares = [sweep.worker_share(10, 3, k) for k in range(3)]
+  assert sorted(i for share in shares for i in share) == list(range(10))
+  assert shares[1] == [1, 4, 7]
+  with pytest.raises(config_lib.ConfigError, match='--worker_index=3'):
+    sweep.worker_share(10, 3, 3)
+
+
+EXPERIMENT = '''
+from configs import default
+from convnet import sweep
+
+def get_config():
+  config = default.get_config('smoke')
+  config.data.num_train = 1024
+  config.log_every_steps = 2
+  config.num_seeds = 2
+  return config
+
+def get_sweep():
+  return sweep.product(sweep.values('model.filters', [4, 8]),
+                       sweep.values('model.kernel_size', [1, 3]))
+'''
+
+
+def sweep_command(experiment, sweep_dir, *flags):
+  return [sys.executable, '-m', 'convnet.sweep',
+          '--config', str(experiment), '--workdir', str(sweep_dir), *flags]
+
+
+def test_a_killed_sweep_reruns_only_the_missing_points_and_reports_them(tmp_path):
+  experiment = tmp_path / 'tiny.py'
+  experiment.write_text(EXPERIMENT)
+  sweep_dir = tmp_path / 'sweep'
+  names = [sweep.point_name(p) for p in sweep.product(sweep.values('model.filters', [4, 8]),
+                                                      sweep.values('model.kernel_size', [1, 3]))]
+  # Worker 1 of 2 takes points 2 and 4; a kill during the 2nd leaves it unfinished.
+  log = open(tmp_path / 'killed.log', 'w')
+  process = subprocess.Popen(sweep_command(experiment, sweep_dir, '--num_workers=2',
+                                           '--worker_index=1'), cwd=REPO, stdout=log,
+                             stderr=log)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (sweep_dir / names[3] / 'metrics.jsonl').exists():
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  assert (sweep_dir / names[1] / 'results.json').exists()
+  assert not (sweep_dir / names[3] / 'results.json').exists()
+  assert not (sweep_dir / names[0]).exists()  # Worker 0's point.
+  finished = (sweep_dir / names[1] / 'results.json').read_text()
+
+  done = subprocess.run(sweep_command(experiment, sweep_dir), cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert '4 points, 4 for worker 0 of 1, 1 already done' in done.stdout
+  assert 'point 2 of 4' not in done.stdout  # Finished points are never run again.
+  assert (sweep_dir / names[1] / 'results.json').read_text() == finished
+  with open(sweep_dir / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['model.filters'], r['model.kernel_size']) for r in rows] == [
+      ('4', '1'), ('4', '3'), ('8', '1'), ('8', '3')]
+  assert all(r['status'] == 'done' and r['num_seeds'] == '2' for r in rows)
+  assert all(0.25 < float(r['test_accuracy']) <= 1 for r in rows)  # 8 steps; chance is 0.1
+  assert float(rows[3]['num_params']) == (3 * 3 * 8 + 8) + (14 * 14 * 8 * 128 + 128) + 1290
+  markdown = (sweep_dir / 'results.md').read_text().splitlines()
+  assert markdown[0].startswith('| model.filters | model.kernel_size | test accuracy %')
+  assert len(markdown) == 2 + 4
+  for name in ('heatmap.png', 'accuracy_vs_params.png', 'curves.png'):
+    with Image.open(sweep_dir / name) as image:
+      assert image.size[0] > 300 and image.size[1] > 200, name
+      assert len(set(image.convert('L').getdata())) > 10, name  # Not a blank canvas.
+
+  # The report command rebuilds the same table from the files alone.
+  os.remove(sweep_dir / 'results.md')
+  again = subprocess.run([sys.executable, '-m', 'convnet.report', '--workdir',
+                          str(sweep_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert again.returncode == 0, again.stderr
+  assert (sweep_dir / 'results.md').read_text().splitlines() == markdown
+
+
+def test_report_pools_seed_points_and_marks_pending_ones(tmp_path):
+  points = sweep.product(sweep.values('model.filters', [4]), sweep.values('seed', [0, 1, 2]))
+  workdir.write_json(str(tmp_path / 'sweep.json'),
+                     [{'name': sweep.point_name(p), 'overrides': p} for p in points])
+  for seed, accuracy in ((0, 0.9), (1, 0.8)):
+    (tmp_path / f'model.filters=4,seed={seed}').mkdir()
+    workdir.write_json(str(tmp_path / f'model.filters=4,seed={seed}' / 'results.json'), {
+        'test_accuracy': accuracy, 'test_loss': 0.1, 'num_params': 10,
+        'flops_per_image': 100.0, 'train_images_per_s': 1000.0, 'wall_time_s': 5.0})
+  rows = report.collect(str(tmp_path))
+  assert len(rows) == 1 and rows[0]['status'] == 'pending'
+  (tmp_path / 'model.filters=4,seed=2').mkdir()
+  workdir.write_json(str(tmp_path / 'model.filters=4,seed=2' / 'results.json'), {
+      'test_accuracy': 0.7, 'test_loss': 0.1, 'num_params': 10, 'flops_per_image': 100.0,
+      'train_images_per_s': 1000.0, 'wall_time_s': 5.0})
+  row, = report.collect(str(tmp_path))
+  assert row['num_seeds'] == 3 and row['wall_time_s'] == 15.0
+  assert row['test_accuracy'] == pytest.approx(0.8)
+  assert row['test_accuracy_std'] == pytest.approx(0.1)
+  assert '80.00 ± 10.00' in report.markdown_table([row])
