@@ -31,6 +31,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.num_seeds = 1  # Seeds seed, seed+1, ... trained together in one program (vmapped).
   config.checkpoint_every_steps = 0  # Also checkpoint this often; 0 = at epoch ends only.
   config.keep_checkpoints = 2  # How many of the latest checkpoints to keep.
+  config.progress = True  # A progress bar per epoch, when stderr is a terminal.
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'idx'  # 'idx': a directory of MNIST-format files | 'tfds'

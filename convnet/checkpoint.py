@@ -28,9 +28,16 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   Orbax writes each step to a temporary directory and renames it when complete, so a
   crash mid-save leaves the previous checkpoints as they were.
   """
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, SUBDIR)), options=options)
+  process = jax.process_index()
+  directory = os.path.abspath(os.path.join(workdir, SUBDIR))
+  os.makedirs(directory, exist_ok=True)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=False, read_only=process != 0,
+      enable_async_checkpointing=False,
+      # Every process restores on its own; only process 0 saves (host numpy arrays).
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=process, active_processes={process}))
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, tree) -> None:

@@ -23,7 +23,7 @@ SCHEMA = {
     'seed': int, 'batch_size': int, 'eval_batch_size': int, 'num_epochs': int,
     'learning_rate': float, 'optimizer': str, 'momentum': float, 'weight_decay': float,
     'schedule': str, 'warmup_epochs': float, 'log_every_steps': int, 'num_devices': int,
-    'num_seeds': int, 'checkpoint_every_steps': int, 'keep_checkpoints': int,
+    'num_seeds': int, 'checkpoint_every_steps': int, 'keep_checkpoints': int, 'progress': bool,
     'data.source': str, 'data.dir': str, 'data.name': str, 'data.download': bool,
     'data.num_train': int,
     'model.num_blocks': int, 'model.activation': str, 'model.hidden': tuple,

@@ -4,12 +4,13 @@
         [--config.model.filters=64 --config.model.kernel_size=5 ...]
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convnet import config_lib, train
+from convnet import config_lib, parallel, train
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/default.py '
                                          '(or configs/default.py:smoke).', lock_config=True)
@@ -18,6 +19,14 @@ WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for config.json, metri
 ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Resume a workdir even though its config.json differs in keys '
     'that change results (e.g. to train for more epochs).')
+COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS', ''),
+    'Multi-process runs: host:port of process 0 (default $JAX_COORDINATOR_ADDRESS); '
+    'empty = one process.')
+NUM_PROCESSES = flags.DEFINE_integer('num_processes', int(os.environ.get('JAX_NUM_PROCESSES', 1)),
+                                     'Multi-process runs: how many (default $JAX_NUM_PROCESSES).')
+PROCESS_ID = flags.DEFINE_integer('process_id', int(os.environ.get('JAX_PROCESS_ID', 0)),
+                                  'Multi-process runs: this one, 0-based (default $JAX_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -25,6 +34,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
+  if COORDINATOR.value:
+    parallel.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
   try:
     train.train_and_evaluate(CONFIG.value, WORKDIR.value, ALLOW_CONFIG_CHANGE.value)
   except train.Interrupted as e:

@@ -107,7 +107,10 @@ class ConvBlock(nn.Module):
     else:  # A bias is redundant before a normalisation layer, so only here.
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
     y = activation_fn(self.activation)(y)
-    return pool2d(y, self.pool, self.pool_size, self.pool_stride)
+    self.sow('intermediates', 'conv', y)  # Kept only if 'intermediates' is mutable.
+    y = pool2d(y, self.pool, self.pool_size, self.pool_stride)
+    self.sow('intermediates', 'pool', y)
+    return y
 
 
 class ConvNet(nn.Module):

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from convnet import visualize
 from convnet import workdir as workdir_lib
 
 COLUMNS = ('test_accuracy', 'test_accuracy_std', 'num_seeds', 'test_loss', 'num_params',
@@ -172,25 +173,10 @@ def plot_accuracy_vs_params(path: str, rows: list[dict]) -> None:
 
 
 def plot_curves(path: str, sweep_dir: str, rows: list[dict]) -> None:
-  """Train loss by step and test accuracy by epoch, one line per point (first seed's run)."""
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, (loss_ax, accuracy_ax) = plt.subplots(1, 2, figsize=(12, 5))
-  for row in rows:
-    records = workdir_lib.read_jsonl(os.path.join(sweep_dir, row['names'][0], 'metrics.jsonl'))
-    train = [r for r in records if 'train_loss' in r]
-    test = [r for r in records if 'test_accuracy' in r]
-    line, = loss_ax.plot([r['step'] for r in train], [r['train_loss'] for r in train],
-                         label=_label(row), linewidth=1)
-    accuracy_ax.plot([r['epoch'] for r in test], [100 * r['test_accuracy'] for r in test],
-                     'o-', color=line.get_color(), linewidth=1, markersize=3)
-  loss_ax.set(xlabel='step', ylabel='train loss', yscale='log', title='training loss')
-  accuracy_ax.set(xlabel='epoch', ylabel='test accuracy %', title='test accuracy')
-  for ax in (loss_ax, accuracy_ax):
-    ax.grid(True, alpha=0.3)
-  loss_ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  """Training curves of every point (its first seed's run)."""
+  visualize.plot_curves(path, [
+      (_label(row), workdir_lib.read_jsonl(os.path.join(sweep_dir, row['names'][0],
+                                                        'metrics.jsonl'))) for row in rows])
 
 
 def write(sweep_dir: str, rows: list[dict]) -> list[str]:

@@ -1,9 +1,9 @@
 """TrainState, train_step, eval_step and the loop that runs them: train_and_evaluate.
 
 `train_step` and `eval_step` see one device's slice of a batch and average over
-the axis `AXIS`; how they are parallelised is decided in `parallelize`, the one
-place that calls `jax.pmap`. The dataset lives on the devices and a whole epoch
-runs as one compiled `lax.scan`, so there is no host round trip per step.
+the axis `AXIS`; how they are parallelised is decided in `parallel.py`. The
+dataset lives on the devices and the steps between two logging points run as one
+compiled `lax.scan`, so there is no host round trip per step.
 """
 
 import contextlib
@@ -22,10 +22,10 @@ from flax import serialization
 from flax.training import train_state
 from jax import lax
 
-from convnet import checkpoint, config_lib, input_pipeline, models
+from convnet import checkpoint, config_lib, input_pipeline, metric_writer, models, parallel
 from convnet import workdir as workdir_lib
 
-AXIS = 'batch'
+AXIS = parallel.AXIS
 
 
 class TrainState(train_state.TrainState):
@@ -168,38 +168,16 @@ def make_evaluate(mean: float, std: float):
   return jax.vmap(evaluate, in_axes=(0, None, None, None))
 
 
-def parallelize(fn: Callable, devices, in_axes) -> Callable:
-  """The one place that applies jax.pmap: state in and out unreplicated, data sharded."""
-  return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=None, devices=devices)
-
-
 def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, mean: float,
                          std: float, devices) -> Callable:
   """(states, images, labels, perms, dropout_keys) -> (states, per-step metrics [steps, seeds])."""
   chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std)
-  return parallelize(chunk, devices, in_axes=(None, 0, 0, None, None))
+  return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None))
 
 
 def parallel_evaluate(mean: float, std: float, devices) -> Callable:
   """(state, images, labels, mask), each from shard_for_eval -> summed test metrics."""
-  return parallelize(make_evaluate(mean, std), devices, in_axes=(None, 0, 0, 0))
-
-
-def put_on_devices(x: np.ndarray, devices) -> jax.Array:
-  """Places x, shaped [len(devices), ...], with row d on device d."""
-  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
-
-
-def replicated(devices) -> jax.sharding.NamedSharding:
-  """The sharding of a value held whole on every device (how pmap returns the state)."""
-  return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                    jax.sharding.PartitionSpec())
-
-
-def replicate(x: np.ndarray, devices) -> jax.Array:
-  """One copy of x on every device (the training set: each device gathers its own batch)."""
-  return put_on_devices(np.broadcast_to(x, (len(devices), *x.shape)), devices)
+  return parallel.parallelize(make_evaluate(mean, std), devices, in_axes=(None, 0, 0, 0))
 
 
 def shard_for_eval(split: input_pipeline.Split, batch_size: int, num_devices: int):
@@ -318,9 +296,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   unfinished run of the same config resumes from its latest checkpoint.
   """
   run_start = time.time()
-  config_lib.validate(config, jax.local_device_count())
-  devices = jax.local_devices()[:config.num_devices or None]
-  num_devices = len(devices)
+  config_lib.validate(config, jax.local_device_count() if jax.process_count() == 1
+                      else jax.device_count())
+  devices, local_devices = parallel.participating_devices(config.num_devices)
+  num_devices, writer = len(devices), parallel.is_writer()
+  log = print if writer else lambda *args, **kwargs: None
   data = load_data(config)
   image_shape = data.train.images.shape[1:]
   model = build_model(config.model)
@@ -329,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if steps_per_epoch == 0:
     raise config_lib.ConfigError(f'batch_size={config.batch_size} is larger than the '
                                  f'{len(data.train.labels)} training images')
-  resuming = workdir_lib.prepare(workdir, config.to_dict(), allow_config_change)
+  workdir_lib.prepare(workdir, config.to_dict(), allow_config_change, write=writer)
 
   init_keys, data_keys, dropout_keys = seed_keys(config.seed, config.num_seeds)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
@@ -339,34 +319,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
   train_time, earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
   with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
-       stop_requests() as stop_requested:
-    metrics_path = os.path.join(workdir, 'metrics.jsonl')
-    restored = None
-    if resuming:
-      restored = checkpoint.restore_latest(
-          checkpoints, checkpoint_tree(state, (data_keys, dropout_keys),
-                                       {'train_s': 0.0, 'wall_s': 0.0}))
+       stop_requests() as stop_requested, \
+       contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out:
+    restored = checkpoint.restore_latest(
+        checkpoints, checkpoint_tree(state, (data_keys, dropout_keys),
+                                     {'train_s': 0.0, 'wall_s': 0.0}))
     if restored:
       tree, step = restored
       state = serialization.from_state_dict(state, tree['state'])
       data_keys, dropout_keys = jax.random.wrap_key_data(tree['rng'])
       train_time, earlier_wall_time = (float(tree['times'][k]) for k in ('train_s', 'wall_s'))
-      print(f'resuming {workdir} from its checkpoint at step {step}', flush=True)
-    workdir_lib.keep_records_up_to(metrics_path, int(state.step[0]))
-    print(f'{num_params:,} parameters, {flops_per_image / 1e6:.1f} MFLOP per training image; '
+      log(f'resuming {workdir} from its checkpoint at step {step}', flush=True)
+    if writer:
+      workdir_lib.keep_records_up_to(out.metrics_path, int(state.step[0]))
+    log(f'{num_params:,} parameters, {flops_per_image / 1e6:.1f} MFLOP per training image; '
           f'feature maps {models.feature_shapes(model, image_shape)}; {config.num_seeds} '
-          f'seed(s); {num_devices} x {devices[0].device_kind}', flush=True)
+          f'seed(s); {num_devices} x {devices[0].device_kind} in {jax.process_count()} '
+          f'process(es)', flush=True)
 
     # The state and keys live on every device, as the pmapped functions return them,
     # so each compiled function sees one sharding whether the state is new or restored.
     state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
-                                                    replicated(devices))
-    train_images, train_labels = (replicate(x, devices) for x in data.train)
-    test_arrays = [put_on_devices(x, devices) for x in
-                   shard_for_eval(data.test, config.eval_batch_size, num_devices)]
+                                                    parallel.replicated(local_devices))
+    train_images, train_labels = (parallel.replicate(x, local_devices) for x in data.train)
+    test_arrays = [parallel.put_on_devices(parallel.local_rows(x, devices, local_devices),
+                                           local_devices)
+                   for x in shard_for_eval(data.test, config.eval_batch_size, num_devices)]
     num_train = len(data.train.labels)
     start = time.time()
-    evaluate = parallel_evaluate(data.mean, data.std, devices).lower(state, *test_arrays).compile()
+    evaluate = parallel.compile_now(parallel_evaluate(data.mean, data.std, devices), state,
+                                    *test_arrays)
     permute = jax.jit(epoch_permutations, static_argnums=2)
     compile_time = time.time() - start
     compiled_chunks = {}
@@ -375,9 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       nonlocal compile_time
       if num_steps not in compiled_chunks:
         start = time.time()
-        compiled_chunks[num_steps] = parallel_train_chunk(
-            num_steps, steps_per_epoch, config.batch_size, data.mean, data.std,
-            devices).lower(*args).compile()
+        compiled_chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
+            num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices), *args)
         compile_time += time.time() - start
       return compiled_chunks[num_steps]
 
@@ -389,10 +370,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
 
     def save():
-      checkpoint.save(checkpoints, int(state.step[0]),
-                      checkpoint_tree(state, (data_keys, dropout_keys),
-                                      {'train_s': train_time,
-                                       'wall_s': earlier_wall_time + time.time() - run_start}))
+      if writer:
+        tree = checkpoint_tree(state, (data_keys, dropout_keys),
+                               {'train_s': train_time,
+                                'wall_s': earlier_wall_time + time.time() - run_start})
+        checkpoint.save(checkpoints, int(state.step[0]), jax.device_get(tree))
       return int(state.step[0])
 
     total_steps = config.num_epochs * steps_per_epoch
@@ -401,7 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < total_steps:
       epoch = step // steps_per_epoch
       if perms is None or step % steps_per_epoch == 0:
-        perms = jax.device_put(permute(data_keys, epoch, num_train), replicated(devices))
+        perms = jax.device_put(permute(data_keys, epoch, num_train),
+                               parallel.replicated(local_devices))
+        out.start_epoch(epoch + 1, config.num_epochs, steps_per_epoch, epoch * steps_per_epoch,
+                        step)
       end = chunk_end(step, steps_per_epoch, config.log_every_steps)
       args = (state, train_images, train_labels, perms, dropout_keys)
       train_chunk = compiled_chunk(end - step, *args)
@@ -422,16 +407,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 'learning_rate': float(learning_rate_fn(end - 1)),
                 'images_per_s': (end - step) * config.batch_size * config.num_seeds / chunk_time}
       seed_summary(record, 'train_loss', metrics['loss'].mean(axis=1))
-      workdir_lib.append_jsonl(metrics_path,
-                               seed_summary(record, 'train_accuracy',
-                                            metrics['accuracy'].mean(axis=1)))
+      seed_summary(record, 'train_accuracy', metrics['accuracy'].mean(axis=1))
+      out.write(record)
       step = end
       if step % steps_per_epoch == 0:
         test = run_evaluation()
-        workdir_lib.append_jsonl(metrics_path, test)
+        out.write(test)
+        out.end_epoch()
         losses = np.concatenate([m['loss'] for m in epoch_metrics], axis=1)
         accuracies = np.concatenate([m['accuracy'] for m in epoch_metrics], axis=1)
-        print(f'epoch {epoch + 1}/{config.num_epochs}: train loss {losses.mean():.4f} accuracy '
+        log(f'epoch {epoch + 1}/{config.num_epochs}: train loss {losses.mean():.4f} accuracy '
               f'{accuracies.mean():.4f} | test loss {test["test_loss"]:.4f} accuracy '
               f'{test["test_accuracy"]:.4f} | '
               f'{losses.size * config.batch_size / epoch_time:,.0f} '
@@ -443,6 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if stop_requested:
         raise Interrupted(f'{stop_requested[0]} at step {step}: checkpoint saved in '
                           f'{checkpoints.directory}; rerun the same command to resume')
+    out.filters(jax.tree_util.tree_map(lambda x: x[0], state.params), step)
 
   if test is None or test['step'] != step:
     test = run_evaluation()
@@ -458,5 +444,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              'num_devices': num_devices, 'device_kind': devices[0].device_kind}
   if 'test_accuracy_per_seed' in test:
     results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
-  workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  if writer:
+    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
   return results

@@ -65,12 +65,18 @@ def config_diff(saved: dict, new: dict) -> list[str]:
   return lines
 
 
-def prepare(workdir: str, config: dict, allow_config_change: bool = False) -> bool:
+def prepare(workdir: str, config: dict, allow_config_change: bool = False,
+            write: bool = True) -> bool:
   """Creates workdir or checks it can be resumed; True if it holds a run to resume.
 
   Refuses a finished run (results.json exists) and a config that differs from the
-  saved one in a key that changes results, unless allow_config_change.
+  saved one in a key that changes results, unless allow_config_change. With
+  write=False (processes other than 0) it only checks.
   """
+  if not write:
+    if os.path.exists(os.path.join(workdir, 'results.json')):
+      raise FileExistsError(f'{workdir} holds a finished run; choose a new --workdir')
+    return os.path.exists(os.path.join(workdir, 'config.json'))
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:

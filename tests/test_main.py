@@ -18,7 +18,7 @@ def test_cli_trains_and_writes_every_output(tmp_path):
   assert done.returncode == 0, done.stderr
   assert 'epoch 1/1' in done.stdout and 'test loss' in done.stdout
   files = sorted(os.listdir(tmp_path / 'run'))
-  assert files == ['checkpoints', 'config.json', 'metrics.jsonl', 'results.json']
+  assert files == ['checkpoints', 'config.json', 'metrics.jsonl', 'results.json', 'tensorboard']
   with open(tmp_path / 'run' / 'results.json') as f:
     results = json.load(f)
   for key in ('test_accuracy', 'test_loss', 'num_params', 'num_epochs', 'train_time_s',

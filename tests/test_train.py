@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convnet import config_lib, input_pipeline, train
+from configs import default
+from conftest import fingerprint
+from convnet import config_lib, input_pipeline, parallel, train
 
 
 def batchnorm_config(smoke_config):
@@ -29,8 +31,8 @@ def run_epoch(config, mnist, devices, num_images=64):
                                     train.create_learning_rate_fn(config, steps))
   chunk = train.parallel_train_chunk(steps, steps, config.batch_size, mnist.mean, mnist.std,
                                      devices)
-  state, metrics = chunk(state, train.replicate(mnist.train.images[:num_images], devices),
-                         train.replicate(mnist.train.labels[:num_images], devices),
+  state, metrics = chunk(state, parallel.replicate(mnist.train.images[:num_images], devices),
+                         parallel.replicate(mnist.train.labels[:num_images], devices),
                          train.epoch_permutations(data_keys, 0, num_images), dropout_keys)
   return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))
 
@@ -62,7 +64,7 @@ def test_evaluation_counts_every_test_image_once(smoke_config, mnist, num_device
   states = train.create_train_states(jax.random.split(jax.random.key(0), 2), config, model,
                                      (28, 28, 1), lambda s: 0.)
   devices = jax.local_devices()[:num_devices]
-  arrays = [train.put_on_devices(x, devices) for x in
+  arrays = [parallel.put_on_devices(x, devices) for x in
             train.shard_for_eval(mnist.test, eval_batch_size, num_devices)]
   evaluate = train.parallel_evaluate(mnist.mean, mnist.std, devices)
   sums = evaluate(states, *arrays)  # Two seeds' models at once.
@@ -130,15 +132,28 @@ BAD_CONFIGS = [
 ]
 
 
+@pytest.fixture(scope='module')
+def unfinished_run(tmp_path_factory):
+  """A workdir as a crash leaves it: config, metrics and a checkpoint, no results.json."""
+  run_dir = tmp_path_factory.mktemp('unfinished') / 'run'
+  train.train_and_evaluate(default.get_config('smoke'), str(run_dir))
+  os.remove(run_dir / 'results.json')
+  return run_dir
+
+
 @pytest.mark.parametrize('key,change,message', BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
 def test_bad_config_is_rejected_naming_the_key_before_anything_is_written(
-    smoke_config, tmp_path, key, change, message):
+    smoke_config, tmp_path, unfinished_run, key, change, message):
   change(smoke_config)
-  workdir = tmp_path / 'run'
-  with pytest.raises(config_lib.ConfigError, match=message) as error:
-    train.train_and_evaluate(smoke_config, str(workdir))
-  assert key in str(error.value)
-  assert not workdir.exists()
+  for run_dir in (tmp_path / 'new', unfinished_run):
+    before = fingerprint(run_dir) if run_dir.exists() else None
+    with pytest.raises(config_lib.ConfigError, match=message) as error:
+      train.train_and_evaluate(smoke_config, str(run_dir))
+    assert key in str(error.value)
+    if before is None:
+      assert not run_dir.exists()
+    else:
+      assert fingerprint(run_dir) == before  # The earlier run's files are untouched.
 
 
 def test_workdir_with_a_finished_run_is_never_overwritten(smoke_config, tmp_path):

@@ -1,0 +1,75 @@
+"""Where the step functions run: devices, processes, and how data is laid out on them.
+
+The step functions in train.py are written for one device's slice of a batch and
+an axis name. This module decides how that is spread out: `parallelize` is the one
+place that calls `jax.pmap`; over several processes (jax.distributed) the pmapped
+axis spans every process's devices and each process feeds only its own devices.
+"""
+
+from typing import Callable
+
+import jax
+import numpy as np
+
+AXIS = 'batch'
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int):
+  """jax.distributed.initialize, with gloo collectives so CPU processes can talk."""
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def is_writer() -> bool:
+  """Only process 0 writes shared files (config, metrics, checkpoints, results)."""
+  return jax.process_index() == 0
+
+
+def participating_devices(num_devices: int) -> tuple[list, list]:
+  """(all devices taking part, this process's devices among them), in pmap's order."""
+  if jax.process_count() == 1:
+    devices = jax.local_devices()[:num_devices or None]
+  else:
+    devices = jax.devices()
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  return devices, local
+
+
+def parallelize(fn: Callable, devices, in_axes) -> Callable:
+  """The one place that applies jax.pmap: state in and out unreplicated, data sharded."""
+  return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=None,
+                  devices=devices if jax.process_count() == 1 else None)
+
+
+def compile_now(fn: Callable, *args) -> Callable:
+  """Compiles fn for args ahead of time (so compile time is measured on its own).
+
+  A multi-process pmap compiles at its first call instead: its ahead-of-time form
+  expects global shapes where each process passes its local part.
+  """
+  if jax.process_count() > 1:
+    return fn
+  return fn.lower(*args).compile()
+
+
+def put_on_devices(x: np.ndarray, devices) -> jax.Array:
+  """Places x, shaped [len(devices), ...], with row d on device d."""
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+
+
+def replicated(devices) -> jax.sharding.NamedSharding:
+  """The sharding of a value held whole on every device (how pmap returns the state)."""
+  return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                    jax.sharding.PartitionSpec())
+
+
+def replicate(x: np.ndarray, devices) -> jax.Array:
+  """One copy of x on every device (the training set: each device gathers its own batch)."""
+  return put_on_devices(np.broadcast_to(x, (len(devices), *x.shape)), devices)
+
+
+def local_rows(x: np.ndarray, devices, local_devices) -> np.ndarray:
+  """The rows of a [len(devices), ...] array that belong to this process's devices."""
+  return x[[devices.index(d) for d in local_devices]]
