@@ -1,7 +1,19 @@
 """Benchmarks, run as commands (never as timed tests).
 
+    python -m convnet.benchmark --config configs/keras_convnet.py [--json=bench.json]
     python -m convnet.benchmark --mode=seeds --config configs/default.py --num_seeds=2 \
-        [--config.num_epochs=1] [--json=bench_seeds.json]
+        [--config.num_epochs=1]
+
+`train` (the default): the real trainer's compiled chunk of steps on device-resident
+MNIST, timed over repeats: compile time, training images/s (min/median/max),
+evaluation images/s over the 10,000 test images, peak RSS, XLA's FLOPs per
+training image, the GFLOP/s that makes and its share of a 1024x1024 f32 matmul's
+GFLOP/s measured in the same run. With the `[bench]` extra installed, the same
+model on the same data and batch size is also trained with tf.keras (`fit`) and
+PyTorch (a plain loop), and the ratios are printed.
+
+`time_to_accuracy`: trains the config once and reports the wall time from the start
+(compile included) to the first epoch whose test accuracy reaches --target.
 
 `seeds`: trains num_seeds seeds of one config as one compiled program (vmapped,
 config.num_seeds) and then one after another (num_seeds runs with config.num_seeds=1),
@@ -9,14 +21,113 @@ and prints the wall, training and compile times of both and the speed-up.
 """
 
 import os
+import platform
+import resource
 import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convnet import config_lib, train, workdir
+from convnet import config_lib, parallel, peers, train, workdir
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+  """The best GFLOP/s of an n x n float32 matmul: this machine's practical peak."""
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e9
+
+
+def benchmark_training(config, steps: int, repeats: int) -> dict:
+  """Images/s of the trainer's own compiled chunk of `steps` steps, and of evaluation."""
+  config_lib.validate(config, jax.local_device_count())
+  devices, _ = parallel.participating_devices(config.num_devices)
+  data = train.load_data(config)
+  model = train.build_model(config.model)
+  steps_per_epoch = len(data.train.labels) // config.batch_size
+  init_keys, data_keys, dropout_keys = train.seed_keys(config.seed, config.num_seeds)
+  state = train.create_train_states(init_keys, config, model, data.train.images.shape[1:],
+                                    train.create_learning_rate_fn(config, steps_per_epoch))
+  flops = train.training_flops_per_image(
+      config.model, jax.tree_util.tree_map(lambda x: x[0], state), data.train.images.shape[1:])
+  state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
+                                                  parallel.replicated(devices))
+  images, labels = (parallel.replicate(x, devices) for x in data.train)
+  perms = jax.device_put(train.epoch_permutations(data_keys, 0, len(data.train.labels)),
+                         parallel.replicated(devices))
+  start = time.perf_counter()
+  chunk = parallel.compile_now(train.parallel_train_chunk(
+      steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices, config.parallel),
+      state, images, labels, perms, dropout_keys)
+  compile_s = time.perf_counter() - start
+  state, _ = chunk(state, images, labels, perms, dropout_keys)  # Warm-up.
+  jax.block_until_ready(state)
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = chunk(state, images, labels, perms, dropout_keys)
+    jax.device_get(metrics)
+    rates.append(steps * config.batch_size * config.num_seeds / (time.perf_counter() - start))
+  test = [parallel.put_on_devices(x, devices) for x in
+          train.shard_for_eval(data.test, config.eval_batch_size, len(devices))]
+  evaluate = parallel.compile_now(train.parallel_evaluate(data.mean, data.std, devices,
+                                                          config.parallel), state, *test)
+  jax.block_until_ready(evaluate(state, *test))
+  start = time.perf_counter()
+  for _ in range(3):
+    jax.block_until_ready(evaluate(state, *test))
+  eval_rate = 3 * len(data.test.labels) * config.num_seeds / (time.perf_counter() - start)
+  return {'compile_s': compile_s, 'train_images_per_s': sorted(rates),
+          'eval_images_per_s': eval_rate, 'flops_per_image': flops,
+          'num_devices': len(devices), 'data': data}
+
+
+def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
+  result = benchmark_training(config, steps, repeats)
+  data = result.pop('data')
+  rates = result['train_images_per_s']
+  result['train_images_per_s'] = {'min': rates[0], 'median': float(np.median(rates)),
+                                   'max': rates[-1], 'all': rates}
+  result['matmul_peak_gflops'] = matmul_gflops()
+  result['achieved_gflops'] = result['flops_per_image'] * result['train_images_per_s'][
+      'median'] / 1e9
+  result['percent_of_matmul_peak'] = 100 * result['achieved_gflops'] / result[
+      'matmul_peak_gflops']
+  result['peers'] = peers.run_all(config, data, steps, repeats) if with_peers else {}
+  result['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  result['machine'] = {'cpu': platform.processor() or platform.machine(),
+                       'cores': os.cpu_count(), 'jax': jax.__version__,
+                       'device_kind': jax.devices()[0].device_kind, 'python': platform.python_version()}
+  return result
+
+
+def print_benchmark(name: str, result: dict) -> None:
+  rates = result['train_images_per_s']
+  print(f'{name}: {result["num_devices"]} device(s), compile {result["compile_s"]:.1f} s')
+  print(f'  train images/s   min {rates["min"]:,.0f}  median {rates["median"]:,.0f}  max '
+        f'{rates["max"]:,.0f}')
+  print(f'  eval images/s    {result["eval_images_per_s"]:,.0f}')
+  print(f'  FLOPs/train image {result["flops_per_image"] / 1e6:.1f} M -> '
+        f'{result["achieved_gflops"]:.1f} GFLOP/s = {result["percent_of_matmul_peak"]:.0f}% of '
+        f'the {result["matmul_peak_gflops"]:.0f} GFLOP/s of a 1024x1024 matmul')
+  print(f'  peak RSS         {result["peak_rss_mb"]:,.0f} MB')
+  for peer, info in result['peers'].items():
+    if 'skipped' in info:
+      print(f'  {peer:<16} skipped: {info["skipped"]}')
+    else:
+      print(f'  {peer:<16} median {info["median"]:,.0f} images/s; convnet/{peer} = '
+            f'{rates["median"] / info["median"]:.2f}')
 
 
 def timed_run(config, run_dir: str) -> dict:
@@ -46,6 +157,20 @@ def compare_seeds(config, num_seeds: int) -> dict:
           'train_speedup': sequential['train_s'] / vmapped['train_s']}
 
 
+def time_to_accuracy(config, target: float) -> dict:
+  """Wall time from the start (compile included) to the first epoch at `target` accuracy."""
+  with tempfile.TemporaryDirectory() as tmp:
+    train.train_and_evaluate(config, tmp)
+    tests = [r for r in workdir.read_jsonl(os.path.join(tmp, 'metrics.jsonl'))
+             if 'test_accuracy' in r]
+  reached = next((r for r in tests if r['test_accuracy'] >= target), None)
+  return {'target': target, 'reached': reached is not None,
+          'seconds': reached['time_s'] if reached else None,
+          'epoch': reached['epoch'] if reached else None,
+          'accuracy_by_epoch': [r['test_accuracy'] for r in tests],
+          'seconds_by_epoch': [r['time_s'] for r in tests]}
+
+
 def print_seeds(result: dict) -> None:
   print(f'{result["num_seeds"]} seeds          wall s   train s   compile s   test accuracy')
   for name in ('vmapped', 'sequential'):
@@ -60,13 +185,22 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
-  if MODE.value != 'seeds':
-    sys.exit(f'error: unknown --mode={MODE.value}; known: seeds')
+  if MODE.value not in ('train', 'seeds', 'time_to_accuracy'):
+    sys.exit(f'error: unknown --mode={MODE.value}; known: train, seeds, time_to_accuracy')
   try:
-    result = compare_seeds(CONFIG.value, NUM_SEEDS.value)
+    if MODE.value == 'time_to_accuracy':
+      result = time_to_accuracy(CONFIG.value, TARGET.value)
+      print(f'{100 * TARGET.value:.1f}% test accuracy: ' + (
+          f'{result["seconds"]:.0f} s from the start, at epoch {result["epoch"]}'
+          if result['reached'] else 'not reached'))
+    elif MODE.value == 'seeds':
+      result = compare_seeds(CONFIG.value, NUM_SEEDS.value)
+      print_seeds(result)
+    else:
+      result = run_benchmark(CONFIG.value, STEPS.value, REPEATS.value, PEERS.value)
+      print_benchmark(flags.FLAGS['config'].config_filename, result)
   except train.USER_ERRORS as e:
     sys.exit(f'error: {e}')
-  print_seeds(result)
   if JSON.value:
     workdir.write_json(JSON.value, result)
 
@@ -74,7 +208,12 @@ def main(argv):
 if __name__ == '__main__':
   CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.',
                                            lock_config=True)
-  MODE = flags.DEFINE_string('mode', 'seeds', 'What to measure: seeds.')
+  MODE = flags.DEFINE_string('mode', 'train', 'What to measure: train | seeds | '
+                             'time_to_accuracy.')
+  TARGET = flags.DEFINE_float('target', 0.99, 'time_to_accuracy: the test accuracy to reach.')
+  STEPS = flags.DEFINE_integer('steps', 100, 'train: steps per timed repeat.')
+  REPEATS = flags.DEFINE_integer('repeats', 5, 'train: timed repeats.')
+  PEERS = flags.DEFINE_bool('peers', True, 'train: also time tf.keras and PyTorch if installed.')
   NUM_SEEDS = flags.DEFINE_integer('num_seeds', 2, 'seeds mode: how many seeds.')
   JSON = flags.DEFINE_string('json', '', 'Also write the result to this JSON file.')
   app.run(main, flags_parser=config_lib.parse_flags)

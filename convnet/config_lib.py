@@ -24,6 +24,7 @@ SCHEMA = {
     'learning_rate': float, 'optimizer': str, 'momentum': float, 'weight_decay': float,
     'schedule': str, 'warmup_epochs': float, 'log_every_steps': int, 'num_devices': int,
     'num_seeds': int, 'checkpoint_every_steps': int, 'keep_checkpoints': int, 'progress': bool,
+    'parallel': str,
     'data.source': str, 'data.dir': str, 'data.name': str, 'data.download': bool,
     'data.num_train': int,
     'model.num_blocks': int, 'model.activation': str, 'model.hidden': tuple,
@@ -32,6 +33,7 @@ SCHEMA = {
 }
 CHOICES = {
     'optimizer': ('adam', 'adamw', 'sgd'), 'schedule': ('constant', 'cosine'),
+    'parallel': ('pmap', 'jit'),
     'data.source': ('idx', 'tfds'), 'model.activation': models.ACTIVATIONS,
     'model.conv_impl': models.CONV_IMPLS, 'model.padding': models.PADDINGS,
     'model.norm': models.NORMS, 'model.pool': models.POOLS,

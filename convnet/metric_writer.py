@@ -27,10 +27,15 @@ class MetricWriter:
     self.progress = progress and enabled and sys.stderr.isatty()
     self.bar = None
     self.epoch_start = 0
-    self.summary = None
-    if enabled:
+    self.tensorboard_dir = os.path.join(workdir, 'tensorboard')
+    self._summary = None  # Opened at the first record, so a run that fails early writes none.
+
+  @property
+  def summary(self):
+    if self._summary is None:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.summary = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._summary = SummaryWriter(self.tensorboard_dir)
+    return self._summary
 
   def start_epoch(self, epoch: int, num_epochs: int, steps: int, epoch_start: int,
                   step: int) -> None:
@@ -71,5 +76,5 @@ class MetricWriter:
 
   def close(self) -> None:
     self.end_epoch()
-    if self.summary is not None:
-      self.summary.close()
+    if self._summary is not None:
+      self._summary.close()

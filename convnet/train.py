@@ -169,15 +169,16 @@ def make_evaluate(mean: float, std: float):
 
 
 def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, mean: float,
-                         std: float, devices) -> Callable:
+                         std: float, devices, how: str = 'pmap') -> Callable:
   """(states, images, labels, perms, dropout_keys) -> (states, per-step metrics [steps, seeds])."""
   chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std)
-  return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None))
+  return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None), how=how)
 
 
-def parallel_evaluate(mean: float, std: float, devices) -> Callable:
+def parallel_evaluate(mean: float, std: float, devices, how: str = 'pmap') -> Callable:
   """(state, images, labels, mask), each from shard_for_eval -> summed test metrics."""
-  return parallel.parallelize(make_evaluate(mean, std), devices, in_axes=(None, 0, 0, 0))
+  return parallel.parallelize(make_evaluate(mean, std), devices, in_axes=(None, 0, 0, 0),
+                              how=how)
 
 
 def shard_for_eval(split: input_pipeline.Split, batch_size: int, num_devices: int):
@@ -298,6 +299,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run_start = time.time()
   config_lib.validate(config, jax.local_device_count() if jax.process_count() == 1
                       else jax.device_count())
+  if config.parallel == 'jit' and jax.process_count() > 1:
+    raise config_lib.ConfigError("parallel='jit' runs in one process; use parallel='pmap' with "
+                                 'jax.distributed')
   devices, local_devices = parallel.participating_devices(config.num_devices)
   num_devices, writer = len(devices), parallel.is_writer()
   log = print if writer else lambda *args, **kwargs: None
@@ -347,8 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    for x in shard_for_eval(data.test, config.eval_batch_size, num_devices)]
     num_train = len(data.train.labels)
     start = time.time()
-    evaluate = parallel.compile_now(parallel_evaluate(data.mean, data.std, devices), state,
-                                    *test_arrays)
+    evaluate = parallel.compile_now(
+        parallel_evaluate(data.mean, data.std, devices, config.parallel), state, *test_arrays)
     permute = jax.jit(epoch_permutations, static_argnums=2)
     compile_time = time.time() - start
     compiled_chunks = {}
@@ -358,14 +362,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if num_steps not in compiled_chunks:
         start = time.time()
         compiled_chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
-            num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices), *args)
+            num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
+            config.parallel), *args)
         compile_time += time.time() - start
       return compiled_chunks[num_steps]
 
     def run_evaluation():
       sums = jax.device_get(evaluate(state, *test_arrays))
       record = {'step': int(state.step[0]), 'epoch': int(state.step[0]) // steps_per_epoch,
-                'test_count': int(sums['count'][0])}
+                'test_count': int(sums['count'][0]),
+                'time_s': earlier_wall_time + time.time() - run_start}  # Since the start.
       seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
       return seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
 
@@ -432,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   if test is None or test['step'] != step:
     test = run_evaluation()
-  results = {**{k: v for k, v in test.items() if k.startswith('test_')},
+  results = {**{k: v for k, v in test.items() if k.startswith('test_')},  # Last epoch's.
              'num_seeds': config.num_seeds,
              'seeds': [config.seed + i for i in range(config.num_seeds)],
              'num_params': num_params, 'flops_per_image': flops_per_image,

@@ -167,7 +167,7 @@ def plot_misclassified(path: str, images, labels, probabilities, count: int = 16
   wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]])][:count]
   columns = 8
   rows = max(1, -(-len(wrong) // columns))
-  fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.6), squeeze=False)
+  fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 2.0), squeeze=False)
   for ax, i in zip(axes.flat, wrong):
     ax.imshow(images[i, ..., 0], cmap='gray')
     ax.set_title(f'true {labels[i]}, said {predictions[i]}\n'
@@ -194,6 +194,7 @@ def plot_curves(path: str, runs: list[tuple[str, list[dict]]]) -> str:
                      'o-', color=line.get_color(), linewidth=1, markersize=3)
   loss_ax.set(xlabel='step', ylabel='train loss', yscale='log', title='training loss')
   accuracy_ax.set(xlabel='epoch', ylabel='test accuracy %', title='test accuracy')
+  accuracy_ax.xaxis.get_major_locator().set_params(integer=True)
   for ax in (loss_ax, accuracy_ax):
     ax.grid(True, alpha=0.3)
   if len(runs) > 1:

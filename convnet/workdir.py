@@ -12,7 +12,7 @@ from convnet import config_lib
 # Keys that change how often things are written, or where data is read from, but
 # not the numbers a run produces; a resume may change them freely.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                     'progress', 'data.dir', 'data.download')
+                     'progress', 'parallel', 'data.dir', 'data.download')
 
 
 class ConfigMismatchError(ValueError):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -62,7 +63,7 @@ def get_config():
 
 def get_sweep():
   return sweep.product(sweep.values('model.filters', [4, 8]),
-                       sweep.values('model.kernel_size', [1, 3]))
+                       sweep.values('model.kernel_size', [3]))
 '''
 
 
@@ -75,43 +76,39 @@ def test_a_killed_sweep_reruns_only_the_missing_points_and_reports_them(tmp_path
   experiment = tmp_path / 'tiny.py'
   experiment.write_text(EXPERIMENT)
   sweep_dir = tmp_path / 'sweep'
-  names = [sweep.point_name(p) for p in sweep.product(sweep.values('model.filters', [4, 8]),
-                                                      sweep.values('model.kernel_size', [1, 3]))]
-  # Worker 1 of 2 takes points 2 and 4; a kill during the 2nd leaves it unfinished.
+  names = ['model.filters=4,model.kernel_size=3', 'model.filters=8,model.kernel_size=3']
+  # Killed while the 2nd point trains: the 1st is finished, the 2nd is not.
   log = open(tmp_path / 'killed.log', 'w')
-  process = subprocess.Popen(sweep_command(experiment, sweep_dir, '--num_workers=2',
-                                           '--worker_index=1'), cwd=REPO, stdout=log,
+  process = subprocess.Popen(sweep_command(experiment, sweep_dir), cwd=REPO, stdout=log,
                              stderr=log)
   deadline = time.time() + 240
-  while time.time() < deadline and not (sweep_dir / names[3] / 'metrics.jsonl').exists():
+  while time.time() < deadline and not (sweep_dir / names[1] / 'metrics.jsonl').exists():
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=60)
-  assert (sweep_dir / names[1] / 'results.json').exists()
-  assert not (sweep_dir / names[3] / 'results.json').exists()
-  assert not (sweep_dir / names[0]).exists()  # Worker 0's point.
-  finished = (sweep_dir / names[1] / 'results.json').read_text()
+  assert (sweep_dir / names[0] / 'results.json').exists()
+  assert not (sweep_dir / names[1] / 'results.json').exists()
+  finished = (sweep_dir / names[0] / 'results.json').read_text()
 
   done = subprocess.run(sweep_command(experiment, sweep_dir), cwd=REPO, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr
-  assert '4 points, 4 for worker 0 of 1, 1 already done' in done.stdout
-  assert 'point 2 of 4' not in done.stdout  # Finished points are never run again.
-  assert (sweep_dir / names[1] / 'results.json').read_text() == finished
+  assert '2 points, 2 for worker 0 of 1, 1 already done' in done.stdout
+  assert 'point 1 of 2' not in done.stdout  # Finished points are never run again.
+  assert (sweep_dir / names[0] / 'results.json').read_text() == finished
   with open(sweep_dir / 'results.csv') as f:
     rows = list(csv.DictReader(f))
-  assert [(r['model.filters'], r['model.kernel_size']) for r in rows] == [
-      ('4', '1'), ('4', '3'), ('8', '1'), ('8', '3')]
+  assert [(r['model.filters'], r['model.kernel_size']) for r in rows] == [('4', '3'), ('8', '3')]
   assert all(r['status'] == 'done' and r['num_seeds'] == '2' for r in rows)
   assert all(0.25 < float(r['test_accuracy']) <= 1 for r in rows)  # 8 steps; chance is 0.1
-  assert float(rows[3]['num_params']) == (3 * 3 * 8 + 8) + (14 * 14 * 8 * 128 + 128) + 1290
+  assert float(rows[1]['num_params']) == (3 * 3 * 8 + 8) + (14 * 14 * 8 * 128 + 128) + 1290
   markdown = (sweep_dir / 'results.md').read_text().splitlines()
   assert markdown[0].startswith('| model.filters | model.kernel_size | test accuracy %')
-  assert len(markdown) == 2 + 4
+  assert len(markdown) == 2 + 2
   for name in ('heatmap.png', 'accuracy_vs_params.png', 'curves.png'):
     with Image.open(sweep_dir / name) as image:
       assert image.size[0] > 300 and image.size[1] > 200, name
-      assert len(set(image.convert('L').getdata())) > 10, name  # Not a blank canvas.
+      assert len(np.unique(np.asarray(image.convert('L')))) > 10, name  # Not blank.
 
   # The report command rebuilds the same table from the files alone.
   os.remove(sweep_dir / 'results.md')

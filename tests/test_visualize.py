@@ -45,7 +45,7 @@ def test_every_figure_is_written_at_its_size(trained_run):
   assert sizes['filters.png'] == (1280, 220)  # 32 filters: 2 rows of 16, 80x90 px each
   assert sizes['feature_maps.png'] == (1170, 440)  # 4 digits x (input + 2 maps x 6 channels)
   assert sizes['confusion_matrix.png'] == (650, 550)
-  assert sizes['misclassified.png'] == (1040, 320)  # 16 mistakes, 2 rows of 8
+  assert sizes['misclassified.png'] == (1040, 400)  # 16 mistakes, 2 rows of 8
   assert sizes['curves.png'] == (1200, 500)
 
 

@@ -1,0 +1,139 @@
+"""The same ConvNet in tf.keras and PyTorch, for side-by-side speed (convnet.benchmark).
+
+Optional: `pip install -e ".[bench]"` brings tensorflow-cpu and a CPU build of torch.
+Only what those frameworks express the same way is built (conv blocks without
+normalisation, max/avg pooling, ReLU, dense layers, dropout); anything else, or a
+framework that is not installed, is reported as skipped with the reason.
+"""
+
+import os
+import time
+
+import numpy as np
+
+from convnet import config_lib
+
+
+def _unsupported(config) -> str:
+  blocks = config_lib.block_args(config.model)
+  if any(norm != 'none' for norm in blocks['norm']):
+    return 'normalisation layers are not built for peers'
+  if config.model.activation != 'relu' or config.optimizer != 'adam':
+    return 'peers are built with ReLU and Adam only'
+  return ''
+
+
+def _inputs(data, num_images: int):
+  images = data.train.images[:num_images].astype(np.float32) / 255.0
+  return (images - data.mean) / data.std, data.train.labels[:num_images].astype(np.int64)
+
+
+def keras_model(config):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  blocks = config_lib.block_args(config.model)
+  layers = [tf.keras.Input((28, 28, 1))]
+  for i, filters in enumerate(blocks['filters']):
+    layers.append(tf.keras.layers.Conv2D(filters, blocks['kernel_size'][i], blocks['stride'][i],
+                                         blocks['padding'][i].lower(), activation='relu'))
+    if blocks['pool'][i] != 'none':
+      pool = (tf.keras.layers.MaxPooling2D if blocks['pool'][i] == 'max'
+              else tf.keras.layers.AveragePooling2D)
+      layers.append(pool(blocks['pool_size'][i], blocks['pool_stride'][i]))
+  layers.append(tf.keras.layers.Flatten())
+  for width in config.model.hidden:
+    layers += [tf.keras.layers.Dropout(config.model.dropout),
+               tf.keras.layers.Dense(width, activation='relu')]
+  layers += [tf.keras.layers.Dropout(config.model.dropout),
+             tf.keras.layers.Dense(config.model.num_classes)]
+  model = tf.keras.Sequential(layers)
+  model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
+                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  return model
+
+
+def run_keras(config, data, steps: int, repeats: int) -> dict:
+  """tf.keras `fit` over steps batches per repeat, after one warm-up epoch."""
+  try:
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return {'skipped': 'tensorflow not installed (pip install -e ".[bench]")'}
+  model = keras_model(config)
+  x, y = _inputs(data, steps * config.batch_size)
+  model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
+    rates.append(len(y) / (time.perf_counter() - start))
+  return _summary(rates)
+
+
+def torch_model(config):
+  import torch  # pylint: disable=import-outside-toplevel
+  blocks = config_lib.block_args(config.model)
+  layers, channels, size = [], 1, 28
+  for i, filters in enumerate(blocks['filters']):
+    k, stride, padding = blocks['kernel_size'][i], blocks['stride'][i], blocks['padding'][i]
+    if padding == 'SAME' and stride != 1:
+      raise ValueError('SAME padding with stride > 1')
+    layers += [torch.nn.Conv2d(channels, filters, k, stride,
+                               padding='same' if padding == 'SAME' else 0), torch.nn.ReLU()]
+    size = size if padding == 'SAME' else (size - k) // stride + 1
+    if blocks['pool'][i] != 'none':
+      pool = torch.nn.MaxPool2d if blocks['pool'][i] == 'max' else torch.nn.AvgPool2d
+      layers.append(pool(blocks['pool_size'][i], blocks['pool_stride'][i]))
+      size = (size - blocks['pool_size'][i]) // blocks['pool_stride'][i] + 1
+    channels = filters
+  layers.append(torch.nn.Flatten())
+  width = channels * size * size
+  for hidden in config.model.hidden:
+    layers += [torch.nn.Dropout(config.model.dropout), torch.nn.Linear(width, hidden),
+               torch.nn.ReLU()]
+    width = hidden
+  layers += [torch.nn.Dropout(config.model.dropout),
+             torch.nn.Linear(width, config.model.num_classes)]
+  return torch.nn.Sequential(*layers)
+
+
+def run_torch(config, data, steps: int, repeats: int) -> dict:
+  """A plain PyTorch loop (eager, NCHW, every core) over steps batches per repeat."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {'skipped': 'torch not installed (pip install -e ".[bench]")'}
+  torch.set_num_threads(os.cpu_count())
+  model = torch_model(config)
+  optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+  x, y = _inputs(data, steps * config.batch_size)
+  x, y = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def epoch():
+    order = torch.randperm(len(y))
+    for i in range(steps):
+      idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+      optimizer.zero_grad()
+      loss_fn(model(x[idx]), y[idx]).backward()
+      optimizer.step()
+
+  model.train()
+  epoch()  # Warm-up.
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    epoch()
+    rates.append(len(y) / (time.perf_counter() - start))
+  return _summary(rates)
+
+
+def _summary(rates: list[float]) -> dict:
+  rates = sorted(rates)
+  return {'min': rates[0], 'median': float(np.median(rates)), 'max': rates[-1], 'all': rates}
+
+
+def run_all(config, data, steps: int, repeats: int) -> dict:
+  reason = _unsupported(config)
+  if reason:
+    return {'tf.keras': {'skipped': reason}, 'pytorch': {'skipped': reason}}
+  return {'tf.keras': run_keras(config, data, steps, repeats),
+          'pytorch': run_torch(config, data, steps, repeats)}
