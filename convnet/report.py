@@ -155,17 +155,30 @@ def _label(row: dict) -> str:
 
 
 def plot_accuracy_vs_params(path: str, rows: list[dict]) -> None:
+  """Accuracy (mean ± std over seeds) vs parameters; one colour per value of the last swept
+  key, each point labelled with the other swept values."""
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   done = [r for r in rows if r['test_accuracy'] is not None]
-  fig, ax = plt.subplots(figsize=(7, 5))
-  ax.errorbar([r['num_params'] for r in done], [100 * r['test_accuracy'] for r in done],
-              yerr=[100 * r['test_accuracy_std'] for r in done], fmt='o', capsize=3)
+  keys = swept_keys(rows)
+  group_key = keys[-1] if keys else None
+  groups = {}
   for row in done:
-    ax.annotate(_label(row), (row['num_params'], 100 * row['test_accuracy']), fontsize=7,
-                xytext=(3, 3), textcoords='offset points')
+    groups.setdefault(_cell(group_key, row[group_key]) if group_key else '', []).append(row)
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for value, group in groups.items():
+    ax.errorbar([r['num_params'] for r in group], [100 * r['test_accuracy'] for r in group],
+                yerr=[100 * r['test_accuracy_std'] for r in group], fmt='o-', capsize=3,
+                label=f'{group_key.split(".")[-1]}={value}' if group_key else None)
+    for row in group:
+      label = ', '.join(_cell(k, row[k]) for k in keys[:-1])
+      ax.annotate(label, (row['num_params'], 100 * row['test_accuracy']), fontsize=7,
+                  xytext=(3, 3), textcoords='offset points')
   ax.set_xscale('log')
-  ax.set_xlabel('parameters')
-  ax.set_ylabel('test accuracy %')
+  ax.set_xlabel('parameters' + (f' (points labelled by {", ".join(keys[:-1])})'
+                                if len(keys) > 1 else ''))
+  ax.set_ylabel('test accuracy % (mean ± std over seeds)')
+  if group_key:
+    ax.legend(fontsize=8)
   ax.grid(True, alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
