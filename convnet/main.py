@@ -27,6 +27,9 @@ NUM_PROCESSES = flags.DEFINE_integer('num_processes', int(os.environ.get('JAX_NU
                                      'Multi-process runs: how many (default $JAX_NUM_PROCESSES).')
 PROCESS_ID = flags.DEFINE_integer('process_id', int(os.environ.get('JAX_PROCESS_ID', 0)),
                                   'Multi-process runs: this one, 0-based (default $JAX_PROCESS_ID).')
+CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', 0, 'Split the CPU into this many XLA devices (pmap over them); 2 on a '
+    '2-core CPU trains ~13-25% faster than 1. 0 = leave XLA_FLAGS as it is.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -34,6 +37,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
+  if CPU_DEVICES.value:  # Read by XLA when the CPU backend starts: before any jax call.
+    parallel.force_cpu_devices(CPU_DEVICES.value)
   if COORDINATOR.value:
     parallel.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
   try:

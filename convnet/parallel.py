@@ -7,6 +7,7 @@ over a NamedSharding mesh); over several processes (jax.distributed) the pmapped
 axis spans every process's devices and each process feeds only its own devices.
 """
 
+import os
 from typing import Callable
 
 import jax
@@ -21,6 +22,14 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+
+
+def force_cpu_devices(count: int) -> None:
+  """Makes XLA split the CPU into `count` devices; call before jax first touches a device."""
+  flag = f'--xla_force_host_platform_device_count={count}'
+  os.environ['XLA_FLAGS'] = ' '.join(
+      f for f in os.environ.get('XLA_FLAGS', '').split()
+      if not f.startswith('--xla_force_host_platform_device_count')) + ' ' + flag
 
 
 def is_writer() -> bool:

@@ -37,9 +37,11 @@ def test_cli_trains_and_writes_every_output(tmp_path):
 
 def test_cli_per_block_tuple_override(tmp_path):
   done = run_main(tmp_path / 'run', '--config.data.num_train=256', '--config.model.num_blocks=2',
-                  "--config.model.filters=(4,8)", '--config.model.hidden=()')
+                  "--config.model.filters=(4,8)", '--config.model.hidden=()',
+                  '--cpu_devices=1')  # Overrides the 2 devices conftest's XLA_FLAGS asks for.
   assert done.returncode == 0, done.stderr
   assert '[(14, 14, 4), (7, 7, 8)]' in done.stdout
+  assert '1 x cpu in 1 process(es)' in done.stdout
 
 
 def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
