@@ -123,7 +123,8 @@ def plot_feature_maps(path: str, images: np.ndarray, maps, channels: int = 6) ->
   """Per digit: the input, then `channels` channels of every conv and pooling output."""
   plt = _plt()
   columns = 1 + len(maps) * channels
-  fig, axes = plt.subplots(len(images), columns, figsize=(columns * 0.9, len(images) * 1.1),
+  width = 0.9 if channels > 1 else 1.2  # Room for a title over every column.
+  fig, axes = plt.subplots(len(images), columns, figsize=(columns * width, len(images) * 1.1),
                            squeeze=False)
   for n, image in enumerate(images):
     axes[n, 0].imshow(image[..., 0], cmap='gray')

@@ -36,8 +36,8 @@ def edge_responses(images: np.ndarray):
 
 def edge_filter_figure(path: str, images: np.ndarray) -> str:
   conv, pooled = edge_responses(images)
-  maps = [('vertical 28x28', conv[..., :1]), ('pooled 14x14', pooled[..., :1]),
-          ('horizontal 28x28', conv[..., 1:]), ('pooled 14x14', pooled[..., 1:])]
+  maps = [('vertical', conv[..., :1]), ('pooled', pooled[..., :1]),
+          ('horizontal', conv[..., 1:]), ('pooled', pooled[..., 1:])]
   return visualize.plot_feature_maps(path, images, maps, channels=1)
 
 
