@@ -66,17 +66,18 @@ def config_diff(saved: dict, new: dict) -> list[str]:
 
 
 def prepare(workdir: str, config: dict, allow_config_change: bool = False,
-            write: bool = True) -> bool:
-  """Creates workdir or checks it can be resumed; True if it holds a run to resume.
+            write: bool = True) -> None:
+  """Creates workdir, or checks that the run in it may be resumed with this config.
 
   Refuses a finished run (results.json exists) and a config that differs from the
   saved one in a key that changes results, unless allow_config_change. With
-  write=False (processes other than 0) it only checks.
+  write=False (processes other than 0) it only checks. Whether training resumes
+  is up to the checkpoints found, not to this.
   """
   if not write:
     if os.path.exists(os.path.join(workdir, 'results.json')):
       raise FileExistsError(f'{workdir} holds a finished run; choose a new --workdir')
-    return os.path.exists(os.path.join(workdir, 'config.json'))
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -90,7 +91,7 @@ def prepare(workdir: str, config: dict, allow_config_change: bool = False,
   saved_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(saved_path):
     write_json(saved_path, config)
-    return False
+    return
   diff = config_diff(read_json(saved_path), config)
   if diff and not allow_config_change:
     raise ConfigMismatchError(
@@ -100,4 +101,3 @@ def prepare(workdir: str, config: dict, allow_config_change: bool = False,
   if diff:
     os.replace(saved_path, saved_path + '.before_change')
     write_json(saved_path, config)
-  return True
