@@ -279,6 +279,21 @@ def checkpoint_tree(state: TrainState, keys, times: dict) -> dict:
           'times': {k: jnp.asarray(v, jnp.float32) for k, v in times.items()}}
 
 
+def restore_checkpoint(checkpoints, state: TrainState, keys):
+  """(state, keys, times, step) from the latest intact checkpoint, or None if there is none.
+
+  `state` and `keys` are the fresh ones: the restore is checked against their structure.
+  """
+  restored = checkpoint.restore_latest(
+      checkpoints, checkpoint_tree(state, keys, {'train_s': 0.0, 'wall_s': 0.0}))
+  if restored is None:
+    return None
+  tree, step = restored
+  return (serialization.from_state_dict(state, tree['state']),
+          tuple(jax.random.wrap_key_data(tree['rng'])),
+          {k: float(v) for k, v in tree['times'].items()}, step)
+
+
 def load_data(config) -> input_pipeline.Dataset:
   data = input_pipeline.load_dataset(config.data.source, config.data.dir, config.data.name,
                                      config.model.num_classes, config.data.download)
@@ -325,14 +340,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
        stop_requests() as stop_requested, \
        contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out:
-    restored = checkpoint.restore_latest(
-        checkpoints, checkpoint_tree(state, (data_keys, dropout_keys),
-                                     {'train_s': 0.0, 'wall_s': 0.0}))
+    restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
     if restored:
-      tree, step = restored
-      state = serialization.from_state_dict(state, tree['state'])
-      data_keys, dropout_keys = jax.random.wrap_key_data(tree['rng'])
-      train_time, earlier_wall_time = (float(tree['times'][k]) for k in ('train_s', 'wall_s'))
+      state, (data_keys, dropout_keys), times, step = restored
+      train_time, earlier_wall_time = times['train_s'], times['wall_s']
       log(f'resuming {workdir} from its checkpoint at step {step}', flush=True)
     if writer:
       workdir_lib.keep_records_up_to(out.metrics_path, int(state.step[0]))

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import serialization
 
 from convnet import checkpoint, input_pipeline, train
 from convnet import workdir as workdir_lib
@@ -36,12 +35,10 @@ class Trained:
     state = train.create_train_states(keys[0], self.config, self.model, image_shape,
                                       lambda step: 0.0)
     with checkpoint.manager(workdir, self.config.keep_checkpoints) as checkpoints:
-      restored = checkpoint.restore_latest(
-          checkpoints, train.checkpoint_tree(state, keys[1:], {'train_s': 0.0, 'wall_s': 0.0}))
+      restored = train.restore_checkpoint(checkpoints, state, keys[1:])
     if restored is None:
       raise checkpoint.CheckpointError(f'{workdir}/checkpoints holds no checkpoint')
-    state = serialization.from_state_dict(state, restored[0]['state'])
-    self.step = restored[1]
+    state, _, _, self.step = restored
     self.variables = {'params': jax.tree_util.tree_map(lambda x: x[0], state.params),
                       'batch_stats': jax.tree_util.tree_map(lambda x: x[0], state.batch_stats)}
 

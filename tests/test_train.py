@@ -10,7 +10,7 @@ import pytest
 
 from configs import default
 from conftest import fingerprint
-from convnet import config_lib, input_pipeline, parallel, train
+from convnet import config_lib, input_pipeline, parallel, train, workdir
 
 
 def batchnorm_config(smoke_config):
@@ -112,11 +112,6 @@ def test_evaluation_counts_every_test_image_once(smoke_config, mnist, num_device
   assert sums['correct'][0] != sums['correct'][1]  # Two different models were evaluated.
 
 
-def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
-
-
 def test_training_real_mnist_learns_and_repeats_exactly(smoke_config, tmp_path):
   config = smoke_config
   config.num_epochs = 2
@@ -125,7 +120,7 @@ def test_training_real_mnist_learns_and_repeats_exactly(smoke_config, tmp_path):
   train.train_and_evaluate(config, str(tmp_path / 'b'))
   assert results['test_accuracy'] > 0.85  # chance is 0.10; 2 epochs on 2,048 images
   assert results['test_count'] == 10000 and results['num_devices'] == 2
-  records = [read_jsonl(tmp_path / run / 'metrics.jsonl') for run in 'ab']
+  records = [workdir.read_jsonl(tmp_path / run / 'metrics.jsonl') for run in 'ab']
   train_records = [r for r in records[0] if 'train_loss' in r]
   assert [r['step'] for r in train_records] == list(range(4, 33, 4))
   assert train_records[-1]['train_loss'] < train_records[0]['train_loss'] / 3
@@ -189,13 +184,13 @@ def test_bad_config_is_rejected_naming_the_key_before_anything_is_written(
 
 
 def test_workdir_with_a_finished_run_is_never_overwritten(smoke_config, tmp_path):
-  workdir = tmp_path / 'run'
-  workdir.mkdir()
-  (workdir / 'results.json').write_text('{"test_accuracy": 0.99}')
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  (run_dir / 'results.json').write_text('{"test_accuracy": 0.99}')
   with pytest.raises(FileExistsError, match='results.json exists'):
-    train.train_and_evaluate(smoke_config, str(workdir))
-  assert (workdir / 'results.json').read_text() == '{"test_accuracy": 0.99}'
-  assert sorted(os.listdir(workdir)) == ['results.json']
+    train.train_and_evaluate(smoke_config, str(run_dir))
+  assert (run_dir / 'results.json').read_text() == '{"test_accuracy": 0.99}'
+  assert sorted(os.listdir(run_dir)) == ['results.json']
 
 
 def test_non_finite_loss_stops_with_the_step(smoke_config, tmp_path):
