@@ -59,6 +59,63 @@ def test_conv_block_matches_numpy_sliding_window(mnist, impl, padding, kernel_si
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def numpy_conv_gradients(x, kernel, stride, padding, dy):
+  """d(sum(conv(x) * dy)) / d(x, kernel): each window's product with dy, added back.
+
+  The same windows as numpy_conv: the kernel gradient sums window * dy over every
+  position, the input gradient adds kernel * dy back onto each window's pixels.
+  """
+  kh, kw, _, _ = kernel.shape
+  n, h, w, _ = x.shape
+  pad_h = pad_w = (0, 0)
+  if padding == 'SAME':
+    total_h = max((dy.shape[1] - 1) * stride + kh - h, 0)
+    total_w = max((dy.shape[2] - 1) * stride + kw - w, 0)
+    pad_h, pad_w = (total_h // 2, total_h - total_h // 2), (total_w // 2, total_w - total_w // 2)
+  xp = np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  dxp, dkernel = np.zeros_like(xp), np.zeros_like(kernel)
+  for i in range(dy.shape[1]):
+    for j in range(dy.shape[2]):
+      rows, cols = slice(i * stride, i * stride + kh), slice(j * stride, j * stride + kw)
+      dkernel += np.einsum('nabi,no->abio', xp[:, rows, cols, :], dy[:, i, j, :])
+      dxp[:, rows, cols, :] += np.einsum('abio,no->nabi', kernel, dy[:, i, j, :])
+  return dxp[:, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w], dkernel
+
+
+@pytest.mark.parametrize('impl', models.CONV_IMPLS)
+@pytest.mark.parametrize('padding', models.PADDINGS)
+@pytest.mark.parametrize('kernel_size,stride', [(3, 1), (5, 2), (1, 1), (4, 3), (2, 2)])
+def test_conv_gradients_match_numpy_windows(mnist, impl, padding, kernel_size, stride):
+  """The hand-written im2col backward pass (and lax.conv's) against the windows' sums."""
+  x = (np.concatenate([mnist.test.images[:2], mnist.test.images[2:4]], -1) / 255.0)[:, :13]
+  kernel = np.asarray(jax.random.normal(jax.random.key(0), (kernel_size, kernel_size, 2, 3)))
+  y = models.conv2d(jnp.asarray(x), jnp.asarray(kernel), stride, padding, impl)
+  dy = np.asarray(jax.random.normal(jax.random.key(1), y.shape))
+  dx, dkernel = jax.grad(lambda x, k: jnp.sum(models.conv2d(x, k, stride, padding, impl) * dy),
+                         argnums=(0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(kernel))
+  want_dx, want_dkernel = numpy_conv_gradients(x, kernel, stride, padding, dy)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize('window', [2, 3])
+def test_max_pool_gradient_goes_to_each_window_maximum(mnist, window):
+  # Real digits plus a little noise, so no window has two equal maxima.
+  noise = np.random.default_rng(0).normal(0, 1e-3, (2, 27, 28, 1))
+  x = (mnist.test.images[:2, :27] / 255.0 + noise).astype(np.float32)
+  pooled_shape = numpy_pool(x, np.max, window, window).shape
+  dy = np.random.default_rng(1).normal(size=pooled_shape).astype(np.float32)
+  dx = jax.grad(lambda x: jnp.sum(models.pool2d(x, 'max', window, window) * dy))(jnp.asarray(x))
+  want = np.zeros_like(x)
+  for i in range(pooled_shape[1]):
+    for j in range(pooled_shape[2]):
+      for n in range(2):
+        tile = x[n, i * window:(i + 1) * window, j * window:(j + 1) * window, 0]
+        a, b = np.unravel_index(np.argmax(tile), tile.shape)
+        want[n, i * window + a, j * window + b, 0] = dy[n, i, j, 0]
+  np.testing.assert_allclose(dx, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize('kind,reduce', [('max', np.max), ('avg', np.mean)])
 @pytest.mark.parametrize('window,stride', [(2, 2), (3, 3), (3, 2), (2, 1)])
 def test_pooling_matches_numpy_windows(mnist, kind, reduce, window, stride):
