@@ -49,7 +49,8 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
 
 
 def benchmark_training(config, steps: int, repeats: int) -> dict:
-  """Images/s of the trainer's own compiled chunk of `steps` steps, and of evaluation."""
+  """Images/s of the trainer's own compiled chunk of `steps` steps, and of evaluation,
+  parallelised as config.parallel says."""
   config_lib.validate(config, jax.local_device_count())
   devices, _ = parallel.participating_devices(config.num_devices)
   data = train.load_data(config)
@@ -93,17 +94,23 @@ def benchmark_training(config, steps: int, repeats: int) -> dict:
 
 
 def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
+  """The `train` mode: config.parallel's timings, the other parallel form's training
+  images/s, the matmul peak, the peers and the machine."""
   result = benchmark_training(config, steps, repeats)
   data = result.pop('data')
-  rates = result['train_images_per_s']
-  result['train_images_per_s'] = {'min': rates[0], 'median': float(np.median(rates)),
-                                   'max': rates[-1], 'all': rates}
+  result['parallel'] = config.parallel
+  result['train_images_per_s'] = peers.summary(result['train_images_per_s'])
+  other = config.copy_and_resolve_references()
+  other.parallel = 'jit' if config.parallel == 'pmap' else 'pmap'
+  result['train_images_per_s_' + other.parallel] = peers.summary(
+      benchmark_training(other, steps, repeats)['train_images_per_s'])
   result['matmul_peak_gflops'] = matmul_gflops()
   result['achieved_gflops'] = result['flops_per_image'] * result['train_images_per_s'][
       'median'] / 1e9
   result['percent_of_matmul_peak'] = 100 * result['achieved_gflops'] / result[
       'matmul_peak_gflops']
-  result['peers'] = peers.run_all(config, data, steps, repeats) if with_peers else {}
+  result['peers'] = (peers.run_all(config, data, steps, repeats) if with_peers else
+                     {name: {'skipped': '--peers=false'} for name in peers.NAMES})
   result['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   result['machine'] = {'cpu': platform.processor() or platform.machine(),
                        'cores': os.cpu_count(), 'jax': jax.__version__,
@@ -115,7 +122,12 @@ def print_benchmark(name: str, result: dict) -> None:
   rates = result['train_images_per_s']
   print(f'{name}: {result["num_devices"]} device(s), compile {result["compile_s"]:.1f} s')
   print(f'  train images/s   min {rates["min"]:,.0f}  median {rates["median"]:,.0f}  max '
-        f'{rates["max"]:,.0f}')
+        f'{rates["max"]:,.0f}  (parallel={result["parallel"]})')
+  for how in ('pmap', 'jit'):
+    if 'train_images_per_s_' + how in result:
+      other = result['train_images_per_s_' + how]
+      print(f'  parallel={how:<5}   min {other["min"]:,.0f}  median {other["median"]:,.0f}  max '
+            f'{other["max"]:,.0f}')
   print(f'  eval images/s    {result["eval_images_per_s"]:,.0f}')
   print(f'  FLOPs/train image {result["flops_per_image"] / 1e6:.1f} M -> '
         f'{result["achieved_gflops"]:.1f} GFLOP/s = {result["percent_of_matmul_peak"]:.0f}% of '

@@ -47,18 +47,21 @@ def participating_devices(num_devices: int) -> tuple[list, list]:
   return devices, local
 
 
-def parallelize(fn: Callable, devices, in_axes, how: str = 'pmap') -> Callable:
+def parallelize(fn: Callable, devices, in_axes, how: str = 'pmap',
+                donate_argnums: tuple[int, ...] = ()) -> Callable:
   """fn over `devices` along AXIS: state in and out unreplicated, data sharded.
 
   fn sees one device's slice of each argument whose in_axes entry is 0 (the
   leading axis removed) and the whole of each None argument, and its outputs must
   be the same on every device (pmean-ed). how='pmap' is the one jax.pmap in the
   code base; how='jit' is the same program as jax.jit of a shard_map over a 1-D
-  NamedSharding mesh (single process), the form newer JAX prefers.
+  NamedSharding mesh (single process), the form newer JAX prefers. Arguments in
+  donate_argnums give their buffers to the outputs: the caller must not use them again.
   """
   if how == 'pmap':
     return jax.pmap(fn, axis_name=AXIS, in_axes=in_axes, out_axes=None,
-                    devices=devices if jax.process_count() == 1 else None)
+                    devices=devices if jax.process_count() == 1 else None,
+                    donate_argnums=donate_argnums)
   mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
   specs = tuple(P() if axis is None else P(AXIS) for axis in in_axes)
 
@@ -67,7 +70,7 @@ def parallelize(fn: Callable, devices, in_axes, how: str = 'pmap') -> Callable:
                 for x, axis in zip(args, in_axes)))
 
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(),
-                               check_vma=False))
+                               check_vma=False), donate_argnums=donate_argnums)
 
 
 def compile_now(fn: Callable, *args) -> Callable:

@@ -65,7 +65,7 @@ def run_keras(config, data, steps: int, repeats: int) -> dict:
     start = time.perf_counter()
     model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
     rates.append(len(y) / (time.perf_counter() - start))
-  return _summary(rates)
+  return summary(rates)
 
 
 def torch_model(config):
@@ -123,17 +123,21 @@ def run_torch(config, data, steps: int, repeats: int) -> dict:
     start = time.perf_counter()
     epoch()
     rates.append(len(y) / (time.perf_counter() - start))
-  return _summary(rates)
+  return summary(rates)
 
 
-def _summary(rates: list[float]) -> dict:
+def summary(rates: list[float]) -> dict:
+  """min / median / max / all of a list of images/s."""
   rates = sorted(rates)
   return {'min': rates[0], 'median': float(np.median(rates)), 'max': rates[-1], 'all': rates}
+
+
+NAMES = ('tf.keras', 'pytorch')
 
 
 def run_all(config, data, steps: int, repeats: int) -> dict:
   reason = _unsupported(config)
   if reason:
-    return {'tf.keras': {'skipped': reason}, 'pytorch': {'skipped': reason}}
+    return {name: {'skipped': reason} for name in NAMES}
   return {'tf.keras': run_keras(config, data, steps, repeats),
           'pytorch': run_torch(config, data, steps, repeats)}

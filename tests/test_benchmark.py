@@ -1,0 +1,55 @@
+"""The benchmark command in smoke mode: it runs, prints its table and writes every field."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_benchmark(*flags, timeout=600):
+  return subprocess.run([sys.executable, '-m', 'convnet.benchmark', *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_benchmark_smoke_mode_writes_its_json_with_every_field(tmp_path):
+  out = tmp_path / 'bench.json'
+  proc = run_benchmark('--config', 'configs/default.py:smoke', '--steps=2', '--repeats=2',
+                       '--peers=false', f'--json={out}')
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(out.read_text())
+  for key in ('train_images_per_s', 'train_images_per_s_jit'):
+    rates = result[key]
+    assert len(rates['all']) == 2 and 0 < rates['min'] <= rates['median'] <= rates['max']
+  assert result['parallel'] == 'pmap' and result['num_devices'] == 2  # conftest's 2 devices
+  assert result['compile_s'] > 0 and result['eval_images_per_s'] > 0
+  assert 100 < result['peak_rss_mb'] < 4000 and result['matmul_peak_gflops'] > 1
+  # The lesson model's forward pass is 2 * (28*28*9*32 + 6272*128 + 128*10) FLOPs per
+  # image; training (forward + two backward products) is about three times that.
+  forward = 2 * (28 * 28 * 9 * 32 + 14 * 14 * 32 * 128 + 128 * 10)
+  assert 2.5 * forward < result['flops_per_image'] < 3.5 * forward
+  assert abs(result['achieved_gflops'] - result['flops_per_image'] *
+             result['train_images_per_s']['median'] / 1e9) < 1e-6
+  assert abs(result['percent_of_matmul_peak'] - 100 * result['achieved_gflops'] /
+             result['matmul_peak_gflops']) < 1e-6
+  assert result['peers'] == {'tf.keras': {'skipped': '--peers=false'},
+                             'pytorch': {'skipped': '--peers=false'}}
+  assert {'cpu', 'cores', 'jax', 'device_kind', 'python'} <= set(result['machine'])
+  assert 'train images/s' in proc.stdout and 'skipped: --peers=false' in proc.stdout
+
+
+def test_time_to_accuracy_reports_the_first_epoch_at_the_target(tmp_path):
+  out = tmp_path / 'tta.json'
+  proc = run_benchmark('--mode=time_to_accuracy', '--config', 'configs/default.py:smoke',
+                       '--config.num_epochs=2', '--target=0.5', f'--json={out}')
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(out.read_text())
+  assert result['reached'] and result['epoch'] == 1  # > 85% after one smoke epoch
+  assert result['seconds'] == result['seconds_by_epoch'][0] > 0
+  assert len(result['accuracy_by_epoch']) == 2 and result['accuracy_by_epoch'][0] >= 0.5
+  assert '50.0% test accuracy:' in proc.stdout
+
+
+def test_benchmark_rejects_an_unknown_mode():
+  proc = run_benchmark('--mode=fastest', timeout=120)
+  assert proc.returncode != 0 and '--mode=fastest' in proc.stderr
