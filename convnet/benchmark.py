@@ -1,6 +1,6 @@
 """Benchmarks, run as commands (never as timed tests).
 
-    python -m convnet.benchmark --config configs/keras_convnet.py [--json=bench.json]
+    python -m convnet.benchmark --config configs/keras_convnet.py [--cpu_devices=2] [--json=F]
     python -m convnet.benchmark --mode=seeds --config configs/default.py --num_seeds=2 \
         [--config.num_epochs=1]
 
@@ -196,6 +196,8 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  if CPU_DEVICES.value:  # Before any jax call, as in convnet.main.
+    parallel.force_cpu_devices(CPU_DEVICES.value)
   if MODE.value not in ('train', 'seeds', 'time_to_accuracy'):
     sys.exit(f'error: unknown --mode={MODE.value}; known: train, seeds, time_to_accuracy')
   try:
@@ -227,4 +229,6 @@ if __name__ == '__main__':
   PEERS = flags.DEFINE_bool('peers', True, 'train: also time tf.keras and PyTorch if installed.')
   NUM_SEEDS = flags.DEFINE_integer('num_seeds', 2, 'seeds mode: how many seeds.')
   JSON = flags.DEFINE_string('json', '', 'Also write the result to this JSON file.')
+  CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Split the CPU into this many XLA '
+                                     'devices, as convnet.main --cpu_devices does.')
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -136,3 +136,11 @@ def test_pad_to_multiple_masks_the_padding(mnist):
   padded, mask = input_pipeline.pad_to_multiple(split, 4)
   assert len(padded.labels) == 12 and mask.tolist() == [True] * 10 + [False] * 2
   np.testing.assert_array_equal(padded.images[:10], split.images)
+
+
+def test_pixel_mean_std_from_the_histogram_equals_numpy_on_the_pixels(mnist):
+  pixels = mnist.train.images.astype(np.float64) / 255.0
+  assert abs(mnist.mean - pixels.mean()) < 1e-12 and abs(mnist.std - pixels.std()) < 1e-12
+  assert 0.13 < mnist.mean < 0.131 and 0.308 < mnist.std < 0.309  # MNIST's known values
+  mean, std = input_pipeline.pixel_mean_std(np.array([[0, 255]], np.int32))  # not uint8
+  assert (mean, std) == (0.5, 0.5)

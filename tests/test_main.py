@@ -1,10 +1,14 @@
 """`python -m convnet.main` as a user runs it: outputs, bad overrides, bad data, reused workdirs."""
 
+import importlib
 import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import REPO, fingerprint, main_command
+from convnet import config_lib, models, train
 
 
 def run_main(workdir, *overrides):
@@ -66,3 +70,13 @@ def test_cli_refuses_to_overwrite_a_finished_run(tmp_path):
   again = run_main(workdir, '--config.data.num_train=256')
   assert again.returncode != 0 and 'holds a finished run' in again.stderr
   assert fingerprint(workdir) == before
+
+
+@pytest.mark.parametrize('name', sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
+                                        if f.endswith('.py') and f != '__init__.py'))
+def test_every_shipped_config_is_valid_and_its_model_fits_mnist(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_lib.validate(config, 2)
+  model = train.build_model(config.model)
+  config_lib.check_shapes(model, (28, 28, 1))
+  assert models.feature_shapes(model, (28, 28, 1))[-1][0] >= 1
