@@ -16,4 +16,5 @@ def get_config():
   config = best.get_config()
   config.num_epochs = 3
   config.warmup_epochs = 0.2
+  config.log_every_steps = 0  # One compiled scan per epoch: one compile, not two.
   return config
