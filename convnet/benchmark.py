@@ -31,7 +31,6 @@ import sys
 import tempfile
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -114,6 +113,10 @@ def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
       'matmul_peak_gflops']
   result['peers'] = (peers.run_all(config, data, steps, repeats) if with_peers else
                      {name: {'skipped': '--peers=false'} for name in peers.NAMES})
+  if with_peers and 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    result['peers_note'] = ('XLA_FLAGS forces several CPU devices in this process and '
+                            'TensorFlow reads it too (its fit ran ~30% slower so here); '
+                            'compare with peers timed in a 1-device run')
   result['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   result['machine'] = {'cpu': platform.processor() or platform.machine(),
                        'cores': os.cpu_count(), 'jax': jax.__version__,
@@ -142,6 +145,8 @@ def print_benchmark(name: str, result: dict) -> None:
     else:
       print(f'  {peer:<16} median {info["median"]:,.0f} images/s; convnet/{peer} = '
             f'{rates["median"] / info["median"]:.2f}')
+  if 'peers_note' in result:
+    print(f'  note: {result["peers_note"]}')
 
 
 def timed_run(config, run_dir: str) -> dict:
