@@ -180,7 +180,7 @@ def time_to_accuracy(config, target: float) -> dict:
   """Wall time from the process's start (imports, data, compile included) to the end of
   the first epoch whose test accuracy reaches `target`."""
   with tempfile.TemporaryDirectory() as tmp:
-    before_run = time.time() - PROCESS_START  # Python, jax, data not yet loaded.
+    before_run = time.time() - PROCESS_START  # Imports and flag parsing, already spent.
     train.train_and_evaluate(config, tmp)
     tests = [r for r in workdir.read_jsonl(os.path.join(tmp, 'metrics.jsonl'))
              if 'test_accuracy' in r]
