@@ -240,5 +240,6 @@ if __name__ == '__main__':
   NUM_SEEDS = flags.DEFINE_integer('num_seeds', 2, 'seeds mode: how many seeds.')
   JSON = flags.DEFINE_string('json', '', 'Also write the result to this JSON file.')
   CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Split the CPU into this many XLA '
-                                     'devices, as convnet.main --cpu_devices does.')
+                                     'devices, as convnet.main --cpu_devices does.',
+                                     lower_bound=0)
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -50,6 +50,9 @@ def test_time_to_accuracy_reports_the_first_epoch_at_the_target(tmp_path):
   assert '50.0% test accuracy:' in proc.stdout
 
 
-def test_benchmark_rejects_an_unknown_mode():
+def test_benchmark_rejects_an_unknown_mode_and_a_negative_device_count():
   proc = run_benchmark('--mode=fastest', timeout=120)
   assert proc.returncode != 0 and '--mode=fastest' in proc.stderr
+  proc = run_benchmark('--cpu_devices=-1', timeout=120)
+  assert proc.returncode != 0 and 'cpu_devices' in proc.stderr
+  assert 'Traceback' not in proc.stderr

@@ -54,6 +54,7 @@ def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
       (['--config.batch_size=abc'], 'batch_size'),
       (['--config.model.kernel_size=30'], 'model.kernel_size'),
       (['--config.data.dir=/no/such/mnist'], '/no/such/mnist'),
+      (['--cpu_devices=-1'], 'cpu_devices'),
   ]
   for overrides, culprit in cases:
     done = run_main(tmp_path / 'run', *overrides)
