@@ -29,6 +29,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.log_every_steps = 100  # Train-metric interval in metrics.jsonl; 0 = once per epoch.
   config.num_devices = 0  # How many local devices to use; 0 = all.
   config.parallel = 'pmap'  # 'pmap' | 'jit' (jax.jit + shard_map over a device mesh; one process).
+  config.micro_batch_size = 0  # Per-device slices forward/backward, gradients summed; 0 = whole.
   config.num_seeds = 1  # Seeds seed, seed+1, ... trained together in one program (vmapped).
   config.checkpoint_every_steps = 0  # Also checkpoint this often; 0 = at epoch ends only.
   config.keep_checkpoints = 2  # How many of the latest checkpoints to keep.

@@ -70,7 +70,8 @@ def benchmark_training(config, steps: int, repeats: int) -> dict:
                          parallel.replicated(devices))
   start = time.perf_counter()
   chunk = parallel.compile_now(train.parallel_train_chunk(
-      steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices, config.parallel),
+      steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices, config.parallel,
+      config.micro_batch_size),
       state, images, labels, perms, dropout_keys)
   compile_s = time.perf_counter() - start
   state, _ = chunk(state, images, labels, perms, dropout_keys)  # Warm-up.

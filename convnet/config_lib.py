@@ -24,7 +24,7 @@ SCHEMA = {
     'learning_rate': float, 'optimizer': str, 'momentum': float, 'weight_decay': float,
     'schedule': str, 'warmup_epochs': float, 'log_every_steps': int, 'num_devices': int,
     'num_seeds': int, 'checkpoint_every_steps': int, 'keep_checkpoints': int, 'progress': bool,
-    'parallel': str,
+    'parallel': str, 'micro_batch_size': int,
     'data.source': str, 'data.dir': str, 'data.name': str, 'data.download': bool,
     'data.num_train': int,
     'model.num_blocks': int, 'model.activation': str, 'model.hidden': tuple,
@@ -43,7 +43,7 @@ POSITIVE = ('batch_size', 'eval_batch_size', 'num_epochs', 'learning_rate', 'num
             'model.num_classes', 'model.filters', 'model.kernel_size', 'model.stride',
             'model.pool_size', 'model.pool_stride', 'model.hidden')
 NON_NEGATIVE = ('data.num_train', 'momentum', 'weight_decay', 'warmup_epochs', 'log_every_steps',
-                'num_devices', 'checkpoint_every_steps')
+                'num_devices', 'checkpoint_every_steps', 'micro_batch_size')
 
 
 class ConfigError(ValueError):
@@ -105,6 +105,15 @@ def validate(config, available_devices: int) -> None:
     if flat[key] % num_devices:
       raise ConfigError(f'{key}={flat[key]} is not divisible by the {num_devices} devices; '
                         f'use a multiple of {num_devices}')
+  per_device = flat['batch_size'] // num_devices
+  micro = flat['micro_batch_size']
+  if micro and per_device % micro:
+    raise ConfigError(f'micro_batch_size={micro} does not divide the per-device batch of '
+                      f'{per_device} (batch_size={flat["batch_size"]} over {num_devices} '
+                      f'device(s)); use a divisor of {per_device}, or 0 for the whole batch')
+  if micro and micro < per_device and 'batch' in flat['model.norm']:
+    raise ConfigError(f'micro_batch_size={micro} with model.norm=\'batch\': BatchNorm would '
+                      f'normalise over slices of {micro}, not the batch; use 0')
 
 
 def block_args(model_config) -> dict[str, list]:

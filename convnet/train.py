@@ -70,25 +70,48 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS):
+def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
+               micro_batch_size: int = 0):
   """One optimizer step on this device's slice of the global batch.
 
   Gradients, metrics and (through BatchNorm's axis_name) batch statistics are
   averaged over `axis_name`, so N devices take the same step as one device would
   on the whole batch. Dropout masks differ per step and per device.
+
+  micro_batch_size > 0 runs forward and backward on slices of that many images,
+  one after another, and sums their gradients: the same gradient (of the batch's
+  mean loss) in pieces whose activations stay in the CPU cache, measured faster
+  for keras_convnet (README "Performance"). Each slice draws its own dropout masks.
+  BatchNorm would see slice statistics, so config validation refuses the two together.
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(axis_name))
+  images, labels = batch['image'], batch['label']
+  size = micro_batch_size or len(labels)
 
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-        rngs={'dropout': rng}, mutable=['batch_stats'])
-    return cross_entropy(logits, batch['label']).mean(), (logits, updates)
+  def gradient(images, labels, rng):
+    def loss_fn(params):
+      logits, updates = state.apply_fn(
+          {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+          rngs={'dropout': rng}, mutable=['batch_stats'])
+      return cross_entropy(logits, labels).sum() / len(batch['label']), (logits, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return (grads, loss, jnp.sum(jnp.argmax(logits, -1) == labels)), updates
+
+  if size == len(labels):
+    (grads, loss, correct), updates = gradient(images, labels, rng)
+  else:
+    def add_slice(sums, i):
+      piece = lambda x: lax.dynamic_slice_in_dim(x, i * size, size)
+      slice_sums, _ = gradient(piece(images), piece(labels), jax.random.fold_in(rng, i))
+      return jax.tree_util.tree_map(jnp.add, sums, slice_sums), None
+
+    zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), 0.0, 0)
+    (grads, loss, correct), _ = lax.scan(add_slice, zeros, jnp.arange(len(labels) // size))
+    updates = {}
   grads = lax.pmean(grads, axis_name)
   state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
-  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label'])}
+  metrics = {'loss': loss, 'accuracy': correct / len(labels)}
   return state, lax.pmean(metrics, axis_name)
 
 
@@ -129,7 +152,7 @@ def epoch_permutations(data_keys: jax.Array, epoch: int, num_examples: int) -> j
 
 
 def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int, mean: float,
-                     std: float):
+                     std: float, micro_batch_size: int = 0):
   """A function running num_steps of train_step for every seed, over device-resident data.
 
   Global batch j of an epoch is perm[j*B:(j+1)*B] whatever the number of devices,
@@ -146,7 +169,7 @@ def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int
       idx = lax.dynamic_slice(perm, (first + i * per_device_batch * num_devices,),
                               (per_device_batch,))
       batch = {'image': input_pipeline.normalize(images[idx], mean, std), 'label': labels[idx]}
-      return train_step(state, batch, dropout_key)
+      return train_step(state, batch, dropout_key, micro_batch_size=micro_batch_size)
 
     return lax.scan(body, state, jnp.arange(num_steps))
 
@@ -172,12 +195,14 @@ def make_evaluate(mean: float, std: float):
 
 
 def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, mean: float,
-                         std: float, devices, how: str = 'pmap') -> Callable:
+                         std: float, devices, how: str = 'pmap',
+                         micro_batch_size: int = 0) -> Callable:
   """(states, images, labels, perms, dropout_keys) -> (states, per-step metrics [steps, seeds]).
 
   The states passed in are donated: their buffers hold the new states.
   """
-  chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std)
+  chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std,
+                           micro_batch_size)
   return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None), how=how,
                               donate_argnums=(0,))
 
@@ -381,7 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         start = time.time()
         compiled_chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
             num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
-            config.parallel), *args)
+            config.parallel, config.micro_batch_size), *args)
         compile_time += time.time() - start
       return compiled_chunks[num_steps]
 

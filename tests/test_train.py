@@ -32,7 +32,7 @@ def run_epoch(config, mnist, devices, num_images=64, how='pmap', chunk_steps=Non
   state = train.create_train_states(init_keys, config, model, (28, 28, 1),
                                     train.create_learning_rate_fn(config, steps))
   chunk = train.parallel_train_chunk(chunk_steps or steps, steps, config.batch_size, mnist.mean,
-                                     mnist.std, devices, how)
+                                     mnist.std, devices, how, config.micro_batch_size)
   images, labels = (parallel.replicate(x[:num_images], devices) for x in mnist.train)
   perms = train.epoch_permutations(data_keys, 0, num_images)
   metrics = []
@@ -72,6 +72,25 @@ def test_jit_with_sharding_equals_pmap(smoke_config, mnist):
                   jax.tree_util.tree_leaves((jit_state.params, jit_state.batch_stats))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(pmap_metrics['loss'], jit_metrics['loss'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('num_devices', [1, 2])
+def test_micro_batches_give_the_whole_batch_gradient(smoke_config, mnist, num_devices):
+  config = smoke_config
+  config.model.update(num_blocks=2, filters=(8, 16), padding=('VALID',), hidden=())
+  config.model.dropout = 0.0  # Slices draw their own masks; without dropout the steps must agree.
+  config.optimizer, config.learning_rate = 'sgd', 0.1  # Adam would hide a wrongly scaled gradient.
+  config.batch_size = 32
+  devices = jax.local_devices()[:num_devices]
+  whole_state, whole_metrics = run_epoch(config, mnist, devices, num_images=96)
+  config.micro_batch_size = 8
+  micro_state, micro_metrics = run_epoch(config, mnist, devices, num_images=96)
+  assert int(micro_state.step) == 3
+  for a, b in zip(jax.tree_util.tree_leaves(whole_state.params),
+                  jax.tree_util.tree_leaves(micro_state.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  for key in ('loss', 'accuracy'):
+    np.testing.assert_allclose(whole_metrics[key], micro_metrics[key], rtol=1e-5)
 
 
 def host_loop_epoch(config, mnist, devices, num_images):
@@ -200,6 +219,11 @@ BAD_CONFIGS = [
     ('model.pool', lambda c: setattr(c.model, 'pool', ('min',)), 'one of'),
     ('batch_size', lambda c: setattr(c, 'batch_size', 33), 'not divisible by the 2 devices'),
     ('num_devices', lambda c: setattr(c, 'num_devices', 3), 'only 2 local devices'),
+    ('micro_batch_size', lambda c: setattr(c, 'micro_batch_size', 24),
+     'does not divide the per-device batch of 64'),
+    ('micro_batch_size', lambda c: (setattr(c, 'micro_batch_size', 16),
+                                    setattr(c.model, 'norm', ('batch',))),
+     'BatchNorm would normalise over slices of 16'),
     ('model.dropout', lambda c: setattr(c.model, 'dropout', 1.0), r'\[0, 1\)'),
     ('model.widht', lambda c: c.model.__setattr__('widht', 3), 'unknown config key'),
     ('model.kernel_size', lambda c: c.model.update(num_blocks=3, kernel_size=(9,),
