@@ -59,6 +59,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.model.dropout = 0.25  # Before each dense layer.
   config.model.num_classes = 10
   config.model.conv_impl = 'im2col'  # 'im2col' (fast on CPU) | 'xla' (lax.conv)
+  config.model.layout = 'NHWC'  # Inside the conv blocks: 'NHWC' | 'CHWN' (batch innermost).
 
   if variant == 'smoke':  # Seconds: the same model on 2,048 training images, 1 epoch.
     config.num_epochs = 1

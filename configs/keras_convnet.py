@@ -18,5 +18,6 @@ def get_config(variant: str = ''):
   config.model.padding = ('VALID',)
   config.model.hidden = ()  # Flatten straight into the 10 logits.
   config.model.dropout = 0.5  # Before the logits, as in Keras.
+  config.model.layout = 'CHWN'  # Same model and parameters; faster on CPU for two conv blocks.
   config.micro_batch_size = 32  # Same gradient, computed in cache-sized slices: faster on CPU.
   return config

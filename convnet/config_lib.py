@@ -29,13 +29,14 @@ SCHEMA = {
     'data.num_train': int,
     'model.num_blocks': int, 'model.activation': str, 'model.hidden': tuple,
     'model.dropout': float, 'model.num_classes': int, 'model.conv_impl': str,
+    'model.layout': str,
     **{f'model.{key}': tuple for key in PER_BLOCK},
 }
 CHOICES = {
     'optimizer': ('adam', 'adamw', 'sgd'), 'schedule': ('constant', 'cosine'),
     'parallel': ('pmap', 'jit'),
     'data.source': ('idx', 'tfds'), 'model.activation': models.ACTIVATIONS,
-    'model.conv_impl': models.CONV_IMPLS, 'model.padding': models.PADDINGS,
+    'model.conv_impl': models.CONV_IMPLS, 'model.layout': models.LAYOUTS, 'model.padding': models.PADDINGS,
     'model.norm': models.NORMS, 'model.pool': models.POOLS,
 }
 POSITIVE = ('batch_size', 'eval_batch_size', 'num_epochs', 'learning_rate', 'num_seeds',
@@ -138,7 +139,7 @@ def model_args(model_config) -> dict[str, Any]:
       pool_sizes=blocks['pool_size'], pool_strides=blocks['pool_stride'],
       activation=model_config.activation, hidden=tuple(model_config.hidden),
       dropout=model_config.dropout, num_classes=model_config.num_classes,
-      conv_impl=model_config.conv_impl)
+      conv_impl=model_config.conv_impl, layout=model_config.layout)
 
 
 def check_shapes(model: models.ConvNet, image_shape: Sequence[int]) -> None:

@@ -25,6 +25,7 @@ PADDINGS = ('SAME', 'VALID')
 POOLS = ('max', 'avg', 'none')
 NORMS = ('none', 'batch', 'layer')
 CONV_IMPLS = ('im2col', 'xla')
+LAYOUTS = ('NHWC', 'CHWN')
 ACTIVATIONS = ('relu', 'gelu', 'elu', 'silu', 'tanh', 'sigmoid', 'leaky_relu', 'identity')
 
 
@@ -45,71 +46,102 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def _patches_t(x, kh: int, kw: int, stride: int, out_h: int, out_w: int):
-  """The im2col matrix, transposed: [kh*kw*cin, n*out_h*out_w].
+def swap_batch_and_channels(x):
+  """NHWC <-> CHWN (the permutation is its own inverse)."""
+  return jnp.transpose(x, (3, 1, 2, 0))
 
-  Row (tap_row, tap_col, in_channel), like a flattened HWIO kernel; column (image,
-  out_row, out_col). Built channel-major because both matmuls that read it (the
-  forward pass and the kernel gradient) then need no transposed copy of it; NHWC
-  patches cost a 17.8 MB transpose per step in keras_convnet's second layer.
+
+def _patches(x, kh: int, kw: int, stride: int, out_h: int, out_w: int, layout: str):
+  """The im2col matrix, channel-major: [kh*kw*cin, pixels].
+
+  Row (tap_row, tap_col, in_channel), like a flattened HWIO kernel; one column per
+  output pixel, (image, row, col) for NHWC input and (row, col, image) for CHWN.
+  Channel-major because both matmuls that read it (the forward pass and the
+  kernel gradient) then need no transposed copy of it.
   """
-  x = jnp.transpose(x, (3, 0, 1, 2))  # C N H W
-  taps = [x[:, :, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
-          for i in range(kh) for j in range(kw)]
+  if layout == 'NHWC':
+    x = jnp.transpose(x, (3, 0, 1, 2))  # C N H W
+  rows, cols = (2, 3) if layout == 'NHWC' else (1, 2)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      start, limit, strides = [0] * 4, list(x.shape), [1] * 4
+      start[rows], limit[rows], strides[rows] = i, i + (out_h - 1) * stride + 1, stride
+      start[cols], limit[cols], strides[cols] = j, j + (out_w - 1) * stride + 1, stride
+      taps.append(lax.slice(x, start, limit, strides))
   patches = jnp.concatenate(taps, axis=0) if len(taps) > 1 else taps[0]
   return patches.reshape(patches.shape[0], -1)
 
 
-def _conv_valid_forward(x, kernel, stride: int):
+def _conv_valid_forward(x, kernel, stride: int, layout: str):
   kh, kw, _, cout = kernel.shape
-  out_h = conv_output_size(x.shape[1], kh, stride, 'VALID')
-  out_w = conv_output_size(x.shape[2], kw, stride, 'VALID')
-  patches_t = _patches_t(x, kh, kw, stride, out_h, out_w)
-  y = lax.dot_general(patches_t, kernel.reshape(-1, cout), (((0,), (0,)), ((), ())))
-  return y.reshape(x.shape[0], out_h, out_w, cout), (patches_t, kernel, x.shape)
+  h, w, n = x.shape[1], x.shape[2], x.shape[0 if layout == 'NHWC' else 3]
+  out_h = conv_output_size(h, kh, stride, 'VALID')
+  out_w = conv_output_size(w, kw, stride, 'VALID')
+  patches = _patches(x, kh, kw, stride, out_h, out_w, layout)
+  if layout == 'NHWC':
+    y = lax.dot_general(patches, kernel.reshape(-1, cout), (((0,), (0,)), ((), ())))
+    y = y.reshape(n, out_h, out_w, cout)
+  else:
+    y = (kernel.reshape(-1, cout).T @ patches).reshape(cout, out_h, out_w, n)
+  return y, (patches, kernel, x.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_valid_im2col(x, kernel, stride: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_valid_im2col(x, kernel, stride: int, layout: str = 'NHWC'):
   """'VALID' convolution as one matmul of the im2col patches with the kernel."""
-  return _conv_valid_forward(x, kernel, stride)[0]
+  return _conv_valid_forward(x, kernel, stride, layout)[0]
 
 
-def _conv_valid_backward(stride: int, residuals, dy):
+def _conv_valid_backward(stride: int, layout: str, residuals, dy):
   """Kernel gradient from the saved patches; input gradient added back tap by tap.
 
-  Each tap's slice of dy @ kernel^T is padded (with stride - 1 zeros between rows
-  and columns when strided) to the input's size and summed: one fused loop, where
-  JAX's own transpose of the slicing writes a scatter per tap.
+  Each tap's slice of the patches' gradient (kernel times dy) is padded (with
+  stride - 1 zeros between rows and columns when strided) to the input's size and
+  summed: one fused loop, where JAX's own transpose of the slicing writes a scatter
+  per tap. Both layouts keep rows and columns on axes 1 and 2, so the pads agree.
   """
-  patches_t, kernel, (_, h, w, cin) = residuals
-  kh, kw, _, cout = kernel.shape
-  dkernel = (patches_t @ dy.reshape(-1, cout)).reshape(kernel.shape)
-  dpatches = dy @ kernel.reshape(-1, cout).T
+  patches, kernel, x_shape = residuals
+  kh, kw, cin, cout = kernel.shape
+  kernel = kernel.reshape(-1, cout)
   out_h, out_w = dy.shape[1], dy.shape[2]
+  if layout == 'NHWC':
+    dkernel = patches @ dy.reshape(-1, cout)
+    dpatches = dy @ kernel.T
+    tap = lambda t: dpatches[..., t * cin:(t + 1) * cin]
+  else:
+    dy = dy.reshape(cout, -1)
+    dkernel = lax.dot_general(patches, dy, (((1,), (1,)), ((), ())))
+    dpatches = (kernel @ dy).reshape(kh * kw, cin, out_h, out_w, -1)
+    tap = lambda t: dpatches[t]
+  h, w = x_shape[1], x_shape[2]
   span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
   dx = 0.0
   for t in range(kh * kw):
     i, j = divmod(t, kw)
-    dx = dx + lax.pad(dpatches[..., t * cin:(t + 1) * cin], jnp.zeros((), dy.dtype),
+    dx = dx + lax.pad(tap(t), jnp.zeros((), patches.dtype),
                       ((0, 0, 0), (i, h - i - span_h, stride - 1),
                        (j, w - j - span_w, stride - 1), (0, 0, 0)))
-  return dx, dkernel
+  return dx, dkernel.reshape(kh, kw, cin, cout)
 
 
 conv_valid_im2col.defvjp(_conv_valid_forward, _conv_valid_backward)
 
 
-def conv2d(x, kernel, stride: int = 1, padding: str = 'SAME', impl: str = 'im2col'):
-  """2-D convolution of NHWC `x` with an HWIO `kernel` (cross-correlation, as in Keras)."""
+def conv2d(x, kernel, stride: int = 1, padding: str = 'SAME', impl: str = 'im2col',
+           layout: str = 'NHWC'):
+  """2-D convolution of `x` with an HWIO `kernel` (cross-correlation, as in Keras).
+
+  x and the result are NHWC, or CHWN (batch innermost) when layout='CHWN'.
+  """
   if impl == 'xla':
     return lax.conv_general_dilated(
-        x, kernel, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        x, kernel, (stride, stride), padding, dimension_numbers=(layout, 'HWIO', layout))
   kh, kw = kernel.shape[:2]
-  _, h, w, _ = x.shape
+  h, w = x.shape[1], x.shape[2]  # Rows and columns are axes 1 and 2 in both layouts.
   if padding == 'SAME':
     x = jnp.pad(x, ((0, 0), _same_padding(h, kh, stride), _same_padding(w, kw, stride), (0, 0)))
-  return conv_valid_im2col(x, kernel, stride)
+  return conv_valid_im2col(x, kernel, stride, layout)
 
 
 def _max_pool_forward(x, window: int):
@@ -142,7 +174,10 @@ max_pool_tiles.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def pool2d(x, kind: str, window: int, stride: int):
-  """Max or average pooling over `window` x `window` NHWC windows ('VALID')."""
+  """Max or average pooling over `window` x `window` windows ('VALID') of axes 1 and 2.
+
+  Those are the rows and columns in NHWC and in CHWN alike.
+  """
   if kind == 'none':
     return x
   n, h, w, c = x.shape
@@ -163,7 +198,11 @@ def activation_fn(name: str) -> Callable:
 
 
 class ConvBlock(nn.Module):
-  """conv -> [norm] -> activation -> [pool]: one block of the lesson's model."""
+  """conv -> [norm] -> activation -> [pool]: one block of the lesson's model.
+
+  Takes and returns NHWC, or CHWN (batch innermost) when layout='CHWN'; the
+  parameters are the same either way.
+  """
   features: int
   kernel_size: int = 3
   stride: int = 1
@@ -175,24 +214,28 @@ class ConvBlock(nn.Module):
   pool_stride: int = 2
   conv_impl: str = 'im2col'
   axis_name: Optional[str] = None  # BatchNorm statistics are averaged over this pmap axis.
+  layout: str = 'NHWC'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     k = self.kernel_size
+    channels = -1 if self.layout == 'NHWC' else 0
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (k, k, x.shape[-1], self.features), jnp.float32)
-    y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl)
+                        (k, k, x.shape[channels], self.features), jnp.float32)
+    y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl, self.layout)
     if self.norm == 'batch':
-      y = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+      y = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis=channels,
                        axis_name=self.axis_name if train else None)(y)
     elif self.norm == 'layer':
-      y = nn.LayerNorm()(y)
+      y = nn.LayerNorm(reduction_axes=channels, feature_axes=channels)(y)
     else:  # A bias is redundant before a normalisation layer, so only here.
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + (bias if self.layout == 'NHWC' else bias[:, None, None, None])
     y = activation_fn(self.activation)(y)
-    self.sow('intermediates', 'conv', y)  # Kept only if 'intermediates' is mutable.
+    as_nhwc = (lambda a: a) if self.layout == 'NHWC' else swap_batch_and_channels
+    self.sow('intermediates', 'conv', as_nhwc(y))  # Kept only if 'intermediates' is mutable.
     y = pool2d(y, self.pool, self.pool_size, self.pool_stride)
-    self.sow('intermediates', 'pool', y)
+    self.sow('intermediates', 'pool', as_nhwc(y))
     return y
 
 
@@ -200,7 +243,10 @@ class ConvNet(nn.Module):
   """A stack of ConvBlocks, flatten, optional dense hidden layers with dropout, logits.
 
   Every per-block argument is a sequence with one entry per block. Flatten sizes
-  are whatever the blocks produce: nothing here depends on the input size.
+  are whatever the blocks produce: nothing here depends on the input size. Images
+  come in NHWC; layout='CHWN' runs the blocks batch-innermost (one transpose in,
+  one out), which is faster on CPU for stacks of blocks with many channels
+  (README "Performance"); the parameters and results are the same.
   """
   filters: Sequence[int]
   kernel_sizes: Sequence[int]
@@ -216,13 +262,18 @@ class ConvNet(nn.Module):
   num_classes: int = 10
   conv_impl: str = 'im2col'
   axis_name: Optional[str] = None
+  layout: str = 'NHWC'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if self.layout == 'CHWN':
+      x = swap_batch_and_channels(x)
     for i, features in enumerate(self.filters):
       x = ConvBlock(features, self.kernel_sizes[i], self.strides[i], self.paddings[i],
                     self.norms[i], self.activation, self.pools[i], self.pool_sizes[i],
-                    self.pool_strides[i], self.conv_impl, self.axis_name)(x, train)
+                    self.pool_strides[i], self.conv_impl, self.axis_name, self.layout)(x, train)
+    if self.layout == 'CHWN':
+      x = swap_batch_and_channels(x)
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       x = nn.Dropout(self.dropout, deterministic=not train)(x)

@@ -82,16 +82,21 @@ def numpy_conv_gradients(x, kernel, stride, padding, dy):
   return dxp[:, pad_h[0]:pad_h[0] + h, pad_w[0]:pad_w[0] + w], dkernel
 
 
+@pytest.mark.parametrize('layout', models.LAYOUTS)
 @pytest.mark.parametrize('impl', models.CONV_IMPLS)
 @pytest.mark.parametrize('padding', models.PADDINGS)
 @pytest.mark.parametrize('kernel_size,stride', [(3, 1), (5, 2), (1, 1), (4, 3), (2, 2)])
-def test_conv_gradients_match_numpy_windows(mnist, impl, padding, kernel_size, stride):
+def test_conv_gradients_match_numpy_windows(mnist, impl, padding, kernel_size, stride, layout):
   """The hand-written im2col backward pass (and lax.conv's) against the windows' sums."""
   x = (np.concatenate([mnist.test.images[:2], mnist.test.images[2:4]], -1) / 255.0)[:, :13]
   kernel = np.asarray(jax.random.normal(jax.random.key(0), (kernel_size, kernel_size, 2, 3)))
-  y = models.conv2d(jnp.asarray(x), jnp.asarray(kernel), stride, padding, impl)
+  # The layout under test inside; NHWC in and out, as the NumPy reference.
+  to = (lambda a: a) if layout == 'NHWC' else models.swap_batch_and_channels
+  conv = lambda x, k: to(models.conv2d(to(x), k, stride, padding, impl, layout))
+  y = conv(jnp.asarray(x), jnp.asarray(kernel))
+  assert y.shape == numpy_conv(x, kernel, 0, stride, padding).shape
   dy = np.asarray(jax.random.normal(jax.random.key(1), y.shape))
-  dx, dkernel = jax.grad(lambda x, k: jnp.sum(models.conv2d(x, k, stride, padding, impl) * dy),
+  dx, dkernel = jax.grad(lambda x, k: jnp.sum(conv(x, k) * dy),
                          argnums=(0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(kernel))
   want_dx, want_dkernel = numpy_conv_gradients(x, kernel, stride, padding, dy)
   np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
@@ -150,6 +155,40 @@ def test_vertical_line_filter_lights_up_vertical_strokes(mnist):
   assert upright[:, 0].mean() > 2 * upright[:, 1].mean()
   assert np.all(sideways[:, 1] > sideways[:, 0])
   assert sideways[:, 1].mean() > 2 * sideways[:, 0].mean()
+
+
+@pytest.mark.parametrize('impl', models.CONV_IMPLS)
+@pytest.mark.parametrize('norm,pool,pool_size,pool_stride,padding', [
+    ('none', 'max', 2, 2, 'VALID'), ('batch', 'max', 3, 2, 'SAME'), ('layer', 'avg', 2, 2, 'SAME'),
+    ('none', 'avg', 3, 1, 'VALID')])
+def test_chwn_layout_gives_the_nhwc_model_outputs_and_gradients(
+    mnist, impl, norm, pool, pool_size, pool_stride, padding):
+  """Same parameters, same logits, same gradients (BatchNorm statistics too) in both layouts."""
+  args = dict(filters=(4, 8), kernel_sizes=(3, 3), strides=(1, 2), paddings=(padding,) * 2,
+              norms=(norm,) * 2, pools=(pool,) * 2, pool_sizes=(pool_size,) * 2,
+              pool_strides=(pool_stride,) * 2, hidden=(16,), conv_impl=impl)
+  nhwc, chwn = models.ConvNet(**args), models.ConvNet(**args, layout='CHWN')
+  x = jnp.asarray(mnist.test.images[:8] / 255.0, jnp.float32)
+  labels = jnp.asarray(mnist.test.labels[:8])
+  variables = nhwc.init(jax.random.key(0), x)
+  assert (jax.tree_util.tree_structure(variables) ==
+          jax.tree_util.tree_structure(chwn.init(jax.random.key(0), x)))
+
+  def loss(model, params):
+    logits, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                  mutable=['batch_stats'])
+    return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(8), labels]), updates
+
+  (loss_a, stats_a), grads_a = jax.value_and_grad(lambda p: loss(nhwc, p), has_aux=True)(
+      variables['params'])
+  (loss_b, stats_b), grads_b = jax.value_and_grad(lambda p: loss(chwn, p), has_aux=True)(
+      variables['params'])
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves((grads_a, stats_a)),
+                  jax.tree_util.tree_leaves((grads_b, stats_b))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(nhwc.apply(variables, x), chwn.apply(variables, x), rtol=1e-4,
+                             atol=1e-5)
 
 
 def test_convnet_shapes_and_parameter_count_for_the_lesson_model():
