@@ -87,6 +87,9 @@ def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(axis_name))
   images, labels = batch['image'], batch['label']
   size = micro_batch_size or len(labels)
+  if len(labels) % size:
+    raise ValueError(f'micro_batch_size={size} does not divide the per-device batch of '
+                     f'{len(labels)}')
 
   def gradient(images, labels, rng):
     def loss_fn(params):

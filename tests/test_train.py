@@ -93,6 +93,18 @@ def test_micro_batches_give_the_whole_batch_gradient(smoke_config, mnist, num_de
     np.testing.assert_allclose(whole_metrics[key], micro_metrics[key], rtol=1e-5)
 
 
+def test_train_step_refuses_a_micro_batch_size_that_does_not_divide_its_batch(smoke_config):
+  config = smoke_config
+  state = train.create_train_state(jax.random.key(0), config, train.build_model(config.model),
+                                   (28, 28, 1), lambda step: 0.0)
+  batch = {'image': jnp.zeros((1, 12, 28, 28, 1)), 'label': jnp.zeros((1, 12), jnp.int32)}
+  step = jax.vmap(lambda b: train.train_step(state, b, jax.random.key(0), micro_batch_size=5),
+                  axis_name=parallel.AXIS)
+  with pytest.raises(ValueError, match='micro_batch_size=5 does not divide the per-device batch '
+                                       'of 12'):
+    step(batch)
+
+
 def host_loop_epoch(config, mnist, devices, num_images):
   """The obvious loop, as a reference: NumPy batches cut on the host in the epoch's
   order and sent to the devices each step, one pmapped train_step per batch."""
