@@ -36,8 +36,8 @@ CHOICES = {
     'optimizer': ('adam', 'adamw', 'sgd'), 'schedule': ('constant', 'cosine'),
     'parallel': ('pmap', 'jit'),
     'data.source': ('idx', 'tfds'), 'model.activation': models.ACTIVATIONS,
-    'model.conv_impl': models.CONV_IMPLS, 'model.layout': models.LAYOUTS, 'model.padding': models.PADDINGS,
-    'model.norm': models.NORMS, 'model.pool': models.POOLS,
+    'model.conv_impl': models.CONV_IMPLS, 'model.layout': models.LAYOUTS,
+    'model.padding': models.PADDINGS, 'model.norm': models.NORMS, 'model.pool': models.POOLS,
 }
 POSITIVE = ('batch_size', 'eval_batch_size', 'num_epochs', 'learning_rate', 'num_seeds',
             'keep_checkpoints', 'model.num_blocks',

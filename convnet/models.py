@@ -234,11 +234,16 @@ class ConvBlock(nn.Module):
       bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + (bias if self.layout == 'NHWC' else bias[:, None, None, None])
     y = activation_fn(self.activation)(y)
-    as_nhwc = (lambda a: a) if self.layout == 'NHWC' else swap_batch_and_channels
-    self.sow('intermediates', 'conv', as_nhwc(y))  # Kept only if 'intermediates' is mutable.
+    self._keep_nhwc('conv', y)
     y = pool2d(y, self.pool, self.pool_size, self.pool_stride)
-    self.sow('intermediates', 'pool', as_nhwc(y))
+    self._keep_nhwc('pool', y)
     return y
+
+  def _keep_nhwc(self, name: str, y):
+    """Sows y, as NHWC, for the visualisations; only when 'intermediates' is mutable, so
+    a plain apply does no transposes."""
+    if self.is_mutable_collection('intermediates'):
+      self.sow('intermediates', name, y if self.layout == 'NHWC' else swap_batch_and_channels(y))
 
 
 class ConvNet(nn.Module):

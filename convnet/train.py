@@ -85,36 +85,38 @@ def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
   BatchNorm would see slice statistics, so config validation refuses the two together.
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(axis_name))
-  images, labels = batch['image'], batch['label']
-  size = micro_batch_size or len(labels)
-  if len(labels) % size:
+  batch_size = len(batch['label'])
+  size = micro_batch_size or batch_size
+  if batch_size % size:
     raise ValueError(f'micro_batch_size={size} does not divide the per-device batch of '
-                     f'{len(labels)}')
+                     f'{batch_size}')
 
   def gradient(images, labels, rng):
+    """(grads, summed loss / batch_size, correct count), BatchNorm updates; of any slice."""
     def loss_fn(params):
       logits, updates = state.apply_fn(
           {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
           rngs={'dropout': rng}, mutable=['batch_stats'])
-      return cross_entropy(logits, labels).sum() / len(batch['label']), (logits, updates)
+      return cross_entropy(logits, labels).sum() / batch_size, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return (grads, loss, jnp.sum(jnp.argmax(logits, -1) == labels)), updates
 
-  if size == len(labels):
-    (grads, loss, correct), updates = gradient(images, labels, rng)
+  if size == batch_size:
+    (grads, loss, correct), updates = gradient(batch['image'], batch['label'], rng)
   else:
     def add_slice(sums, i):
       piece = lambda x: lax.dynamic_slice_in_dim(x, i * size, size)
-      slice_sums, _ = gradient(piece(images), piece(labels), jax.random.fold_in(rng, i))
+      slice_sums, _ = gradient(piece(batch['image']), piece(batch['label']),
+                               jax.random.fold_in(rng, i))
       return jax.tree_util.tree_map(jnp.add, sums, slice_sums), None
 
     zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), 0.0, 0)
-    (grads, loss, correct), _ = lax.scan(add_slice, zeros, jnp.arange(len(labels) // size))
+    (grads, loss, correct), _ = lax.scan(add_slice, zeros, jnp.arange(batch_size // size))
     updates = {}
   grads = lax.pmean(grads, axis_name)
   state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
-  metrics = {'loss': loss, 'accuracy': correct / len(labels)}
+  metrics = {'loss': loss, 'accuracy': correct / batch_size}
   return state, lax.pmean(metrics, axis_name)
 
 

@@ -189,6 +189,11 @@ def test_chwn_layout_gives_the_nhwc_model_outputs_and_gradients(
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(nhwc.apply(variables, x), chwn.apply(variables, x), rtol=1e-4,
                              atol=1e-5)
+  # The feature maps kept for the visualisations are NHWC in both.
+  _, kept_a = nhwc.apply(variables, x, mutable=['intermediates'])
+  _, kept_b = chwn.apply(variables, x, mutable=['intermediates'])
+  for a, b in zip(jax.tree_util.tree_leaves(kept_a), jax.tree_util.tree_leaves(kept_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_convnet_shapes_and_parameter_count_for_the_lesson_model():
