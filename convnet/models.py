@@ -16,12 +16,14 @@ faster on CPU for stacks of blocks; both hold the same parameters.
 """
 
 import functools
+import math
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 PADDINGS = ('SAME', 'VALID')
 POOLS = ('max', 'avg', 'none')
@@ -199,6 +201,52 @@ def activation_fn(name: str) -> Callable:
   return (lambda x: x) if name == 'identity' else getattr(jax.nn, name)
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry_bits(key, shape: Sequence[int]):
+  """jax.random.bits(key, shape) for a threefry key (JAX's default), with the hash's
+  20 rounds written out.
+
+  JAX lowers threefry on CPU as a 5-trip loop over whole arrays (it compiles
+  faster); written out, XLA fuses the rounds into their consumer. For the Keras
+  example's dropout that is ~7% of a training step (README "Performance"). Other key
+  types go to jax.random.bits.
+  """
+  if str(jax.random.key_impl(key)) != 'threefry2x32' or math.prod(shape) >= 2**32:
+    return jax.random.bits(key, shape, jnp.uint32)
+  k = jax.random.key_data(key)
+  ks = (k[0], k[1], k[0] ^ k[1] ^ jnp.uint32(0x1BD11BDA))
+  # A 64-bit counter per element, as two uint32 words: (0, flat index).
+  hi = jnp.zeros(shape, jnp.uint32) + ks[0]
+  lo = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      hi = hi + lo
+      lo = ((lo << r) | (lo >> (32 - r))) ^ hi
+    hi = hi + ks[(i + 1) % 3]
+    lo = lo + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+  return hi ^ lo
+
+
+class Dropout(nn.Module):
+  """nn.Dropout (the same masks, bit for bit) with its random bits from threefry_bits."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if not train or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep_prob = 1.0 - self.rate
+    # jax.random.bernoulli keeps an element when its uniform, (bits >> 9) * 2**-23,
+    # is below float32(keep_prob): the same as this integer comparison.
+    threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
+    keep = (threefry_bits(self.make_rng('dropout'), x.shape) >> 9) < threshold
+    return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
 class ConvBlock(nn.Module):
   """conv -> [norm] -> activation -> [pool]: one block of the lesson's model.
 
@@ -283,9 +331,9 @@ class ConvNet(nn.Module):
       x = swap_batch_and_channels(x)
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+      x = Dropout(self.dropout)(x, train)
       x = activation_fn(self.activation)(nn.Dense(width)(x))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout)(x, train)
     return nn.Dense(self.num_classes)(x)
 
 

@@ -1,5 +1,6 @@
 """Conv and pooling blocks against plain NumPy sliding windows, as the lesson explains them."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,3 +225,24 @@ def test_parameter_count_of_a_two_block_batchnorm_net_with_valid_padding():
   want = (5 * 5 * 1 * 16 + 2 * 16) + (3 * 3 * 16 * 32 + 2 * 32) + (5 * 5 * 32 * 10 + 10)
   assert models.count_params(variables['params']) == want
   assert models.count_params(variables['batch_stats']) == 2 * (16 + 32)
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+@pytest.mark.parametrize('shape', [(7,), (32, 1600), (3, 5, 11)])
+def test_threefry_bits_are_jax_random_bits(shape, impl):
+  for seed in range(3):
+    key = jax.random.key(seed, impl=impl)
+    ours = jax.jit(models.threefry_bits, static_argnums=1)(key, shape)
+    np.testing.assert_array_equal(ours, jax.random.bits(key, shape, jnp.uint32))
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.5, 0.9])
+def test_dropout_masks_are_flax_dropouts(rate):
+  x = jax.random.uniform(jax.random.key(1), (64, 300), minval=1.0, maxval=2.0)
+  rngs = {'dropout': jax.random.key(2)}
+  ours = models.Dropout(rate).apply({}, x, True, rngs=rngs)
+  np.testing.assert_array_equal(ours, nn.Dropout(rate, deterministic=False).apply({}, x, rngs=rngs))
+  assert abs(float(jnp.mean(ours == 0)) - rate) < 0.02
+  kept = ours != 0
+  np.testing.assert_allclose(ours[kept], x[kept] / (1 - rate), rtol=1e-6)
+  assert models.Dropout(rate).apply({}, x, False) is x
