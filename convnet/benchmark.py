@@ -31,6 +31,7 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -51,12 +52,11 @@ def matmul_gflops(devices, n: int = 1024, repeats: int = 20) -> float:
   return len(devices) * 2 * n ** 3 / best / 1e9
 
 
-def benchmark_training(config, steps: int, repeats: int) -> dict:
-  """Images/s of the trainer's own compiled chunk of `steps` steps, and of evaluation,
-  parallelised as config.parallel says."""
-  config_lib.validate(config, jax.local_device_count())
+def training_timer(config, data, steps: int) -> dict:
+  """The trainer's own compiled chunk of `steps` steps, parallelised as config.parallel
+  says: its compile time, evaluation images/s, XLA's FLOPs per training image, and
+  `repeat`, which runs the chunk once more and returns its training images/s."""
   devices, _ = parallel.participating_devices(config.num_devices)
-  data = train.load_data(config)
   model = train.build_model(config.model)
   steps_per_epoch = len(data.train.labels) // config.batch_size
   init_keys, data_keys, dropout_keys = train.seed_keys(config.seed, config.num_seeds)
@@ -77,12 +77,6 @@ def benchmark_training(config, steps: int, repeats: int) -> dict:
   compile_s = time.perf_counter() - start
   state, _ = chunk(state, images, labels, perms, dropout_keys)  # Warm-up.
   jax.block_until_ready(state)
-  rates = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, metrics = chunk(state, images, labels, perms, dropout_keys)
-    jax.device_get(metrics)
-    rates.append(steps * config.batch_size * config.num_seeds / (time.perf_counter() - start))
   test = [parallel.put_on_devices(x, devices) for x in
           train.shard_for_eval(data.test, config.eval_batch_size, len(devices))]
   evaluate = parallel.compile_now(train.parallel_evaluate(data.mean, data.std, devices,
@@ -92,30 +86,58 @@ def benchmark_training(config, steps: int, repeats: int) -> dict:
   for _ in range(3):
     jax.block_until_ready(evaluate(state, *test))
   eval_rate = 3 * len(data.test.labels) * config.num_seeds / (time.perf_counter() - start)
-  return {'compile_s': compile_s, 'train_images_per_s': sorted(rates),
-          'eval_images_per_s': eval_rate, 'flops_per_image': flops,
-          'num_devices': len(devices), 'data': data}
+
+  def repeat() -> float:
+    nonlocal state
+    start = time.perf_counter()
+    state, metrics = chunk(state, images, labels, perms, dropout_keys)
+    jax.device_get(metrics)
+    return steps * config.batch_size * config.num_seeds / (time.perf_counter() - start)
+  return {'compile_s': compile_s, 'eval_images_per_s': eval_rate, 'flops_per_image': flops,
+          'num_devices': len(devices), 'repeat': repeat}
+
+
+def interleave(runs: dict, repeats: int) -> dict:
+  """{name: min/median/max/all images/s}, running each of `runs` once per round, so all
+  of them share the machine's slow and fast phases (this 2-core VM drifts by +-25%
+  within minutes, which made the ratios of one-after-another timings wander)."""
+  rates = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      rates[name].append(run())
+  return {name: summary(r) for name, r in rates.items()}
+
+
+def summary(rates: list[float]) -> dict:
+  """min / median / max / all of a list of images/s."""
+  rates = sorted(rates)
+  return {'min': rates[0], 'median': float(np.median(rates)), 'max': rates[-1], 'all': rates}
 
 
 def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
   """The `train` mode: config.parallel's timings, the other parallel form's training
-  images/s, the matmul peak, the peers and the machine."""
-  result = benchmark_training(config, steps, repeats)
-  data = result.pop('data')
-  result['parallel'] = config.parallel
-  result['train_images_per_s'] = peers.summary(result['train_images_per_s'])
+  images/s, the peers', the matmul peak and the machine."""
+  config_lib.validate(config, jax.local_device_count())
+  data = train.load_data(config)
+  result = training_timer(config, data, steps)
   other = config.copy_and_resolve_references()
   other.parallel = 'jit' if config.parallel == 'pmap' else 'pmap'
-  result['train_images_per_s_' + other.parallel] = peers.summary(
-      benchmark_training(other, steps, repeats)['train_images_per_s'])
+  runs = {'convnet': result.pop('repeat'),
+          other.parallel: training_timer(other, data, steps)['repeat']}
+  peer_runs, skipped = (peers.trainers(config, data, steps) if with_peers else
+                        ({}, {name: '--peers=false' for name in peers.NAMES}))
+  rates = interleave({**runs, **peer_runs}, repeats)
+  result['parallel'] = config.parallel
+  result['train_images_per_s'] = rates['convnet']
+  result['train_images_per_s_' + other.parallel] = rates[other.parallel]
   result['matmul_peak_gflops'] = matmul_gflops(
       parallel.participating_devices(config.num_devices)[0])
   result['achieved_gflops'] = result['flops_per_image'] * result['train_images_per_s'][
       'median'] / 1e9
   result['percent_of_matmul_peak'] = 100 * result['achieved_gflops'] / result[
       'matmul_peak_gflops']
-  result['peers'] = (peers.run_all(config, data, steps, repeats) if with_peers else
-                     {name: {'skipped': '--peers=false'} for name in peers.NAMES})
+  result['peers'] = {name: rates[name] if name in rates else {'skipped': skipped[name]}
+                     for name in peers.NAMES}
   if with_peers and 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     result['peers_note'] = ('XLA_FLAGS forces several CPU devices in this process and '
                             'TensorFlow reads it too (its fit ran ~30% slower so here); '

@@ -6,6 +6,7 @@ normalisation, max/avg pooling, ReLU, dense layers, dropout); anything else, or 
 framework that is not installed, is reported as skipped with the reason.
 """
 
+import importlib.util
 import os
 import time
 
@@ -51,21 +52,17 @@ def keras_model(config):
   return model
 
 
-def run_keras(config, data, steps: int, repeats: int) -> dict:
-  """tf.keras `fit` over steps batches per repeat, after one warm-up epoch."""
-  try:
-    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return {'skipped': 'tensorflow not installed (pip install -e ".[bench]")'}
+def keras_trainer(config, data, steps: int):
+  """tf.keras `fit` over steps batches per call (images/s), after one warm-up epoch."""
   model = keras_model(config)
   x, y = _inputs(data, steps * config.batch_size)
   model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
-  rates = []
-  for _ in range(repeats):
+
+  def repeat() -> float:
     start = time.perf_counter()
     model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
-    rates.append(len(y) / (time.perf_counter() - start))
-  return summary(rates)
+    return len(y) / (time.perf_counter() - start)
+  return repeat
 
 
 def torch_model(config):
@@ -95,12 +92,10 @@ def torch_model(config):
   return torch.nn.Sequential(*layers)
 
 
-def run_torch(config, data, steps: int, repeats: int) -> dict:
-  """A plain PyTorch loop (eager, NCHW, every core) over steps batches per repeat."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return {'skipped': 'torch not installed (pip install -e ".[bench]")'}
+def torch_trainer(config, data, steps: int):
+  """A plain PyTorch loop (eager, NCHW, every core) over steps batches per call (images/s),
+  after one warm-up epoch."""
+  import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
   model = torch_model(config)
   optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -118,26 +113,28 @@ def run_torch(config, data, steps: int, repeats: int) -> dict:
 
   model.train()
   epoch()  # Warm-up.
-  rates = []
-  for _ in range(repeats):
+
+  def repeat() -> float:
     start = time.perf_counter()
     epoch()
-    rates.append(len(y) / (time.perf_counter() - start))
-  return summary(rates)
-
-
-def summary(rates: list[float]) -> dict:
-  """min / median / max / all of a list of images/s."""
-  rates = sorted(rates)
-  return {'min': rates[0], 'median': float(np.median(rates)), 'max': rates[-1], 'all': rates}
+    return len(y) / (time.perf_counter() - start)
+  return repeat
 
 
 NAMES = ('tf.keras', 'pytorch')
+_MODULES = {'tf.keras': 'tensorflow', 'pytorch': 'torch'}
+_TRAINERS = {'tf.keras': keras_trainer, 'pytorch': torch_trainer}
 
 
-def run_all(config, data, steps: int, repeats: int) -> dict:
+def trainers(config, data, steps: int) -> tuple[dict, dict]:
+  """({peer: a function that times one repeat}, {peer: why it is skipped})."""
   reason = _unsupported(config)
   if reason:
-    return {name: {'skipped': reason} for name in NAMES}
-  return {'tf.keras': run_keras(config, data, steps, repeats),
-          'pytorch': run_torch(config, data, steps, repeats)}
+    return {}, {name: reason for name in NAMES}
+  runs, skipped = {}, {}
+  for name in NAMES:
+    if importlib.util.find_spec(_MODULES[name]) is None:
+      skipped[name] = f'{_MODULES[name]} not installed (pip install -e ".[bench]")'
+    else:
+      runs[name] = _TRAINERS[name](config, data, steps)
+  return runs, skipped

@@ -230,8 +230,12 @@ def shard_for_eval(split: input_pipeline.Split, batch_size: int, num_devices: in
 
 
 def training_flops_per_image(model_config, state: TrainState, image_shape) -> float:
-  """XLA's FLOP count of one forward and backward pass, per image (one seed's state)."""
-  model = build_model(model_config, axis_name=None)
+  """XLA's FLOP count of one forward and backward pass, per image (one seed's state).
+
+  Without dropout: its random bits are integer hashing, not the model's arithmetic,
+  and XLA counts them only when they are written out (models.threefry_bits).
+  """
+  model = build_model(model_config, axis_name=None).clone(dropout=0.0)
   batch = 8
 
   def loss(params, images, labels):

@@ -1,10 +1,13 @@
-"""The benchmark command in smoke mode: it runs, prints its table and writes every field."""
+"""The benchmark command in smoke mode (it runs, prints its table, writes every field), and
+how it times its trainers."""
 
 import json
 import subprocess
 import sys
 
+from configs import default
 from conftest import REPO
+from convnet import benchmark, peers
 
 
 def run_benchmark(*flags, timeout=600):
@@ -56,3 +59,19 @@ def test_benchmark_rejects_an_unknown_mode_and_a_negative_device_count():
   proc = run_benchmark('--cpu_devices=-1', timeout=120)
   assert proc.returncode != 0 and 'cpu_devices' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_interleave_runs_every_trainer_once_per_round():
+  calls = []
+  runs = {name: (lambda name=name: calls.append(name) or float(len(calls)))
+          for name in ('convnet', 'jit', 'tf.keras')}
+  rates = benchmark.interleave(runs, repeats=3)
+  assert calls == ['convnet', 'jit', 'tf.keras'] * 3
+  assert rates['jit'] == {'min': 2.0, 'median': 5.0, 'max': 8.0, 'all': [2.0, 5.0, 8.0]}
+
+
+def test_peers_skip_a_model_they_do_not_build():
+  config = default.get_config()
+  config.model.norm = ('batch',)
+  assert peers.trainers(config, data=None, steps=1) == (
+      {}, {name: 'normalisation layers are not built for peers' for name in peers.NAMES})
