@@ -12,7 +12,8 @@ scanned training loop these are several times faster on CPU than
 (measured in README "Performance"); `conv_impl='xla'` keeps the library
 convolution available for comparison and for accelerators. The blocks run in NHWC
 or, with layout='CHWN', batch-innermost, which makes the patches plain slices and is
-faster on CPU for stacks of blocks; both hold the same parameters.
+faster on CPU for stacks of blocks; both hold the same parameters. Dropout is
+nn.Dropout's, with its random bits computed in a form XLA fuses on CPU.
 """
 
 import functools
