@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 
@@ -246,3 +247,61 @@ def test_dropout_masks_are_flax_dropouts(rate):
   kept = ours != 0
   np.testing.assert_allclose(ours[kept], x[kept] / (1 - rate), rtol=1e-6)
   assert models.Dropout(rate).apply({}, x, False) is x
+
+
+@pytest.mark.parametrize('layout', models.LAYOUTS)
+@pytest.mark.parametrize('impl', models.CONV_IMPLS)
+def test_conv2d_out_size_is_the_leading_corner_of_the_full_output(impl, layout):
+  x = jax.random.normal(jax.random.key(0), (3, 13, 12, 2))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
+  if layout == 'CHWN':
+    x = models.swap_batch_and_channels(x)
+  for padding, stride, out_size in [('VALID', 1, (10, 8)), ('SAME', 2, (6, 5)),
+                                    ('SAME', 1, (12, 12))]:
+    full = models.conv2d(x, kernel, stride, padding, impl, layout)
+    part = models.conv2d(x, kernel, stride, padding, impl, layout, out_size)
+    np.testing.assert_allclose(part, full[:, :out_size[0], :out_size[1], :], rtol=1e-5,
+                               atol=1e-5)
+
+
+def reference_convnet(params, x, args):
+  """The ConvNet (no norm, ReLU, hidden layers) from lax.conv and Flax's pooling, for
+  JAX's own derivatives: every conv output computed, the pool dropping what it drops."""
+  for i, features in enumerate(args['filters']):
+    p = params[f'ConvBlock_{i}']
+    x = jax.nn.relu(lax.conv_general_dilated(
+        x, p['kernel'], (args['strides'][i],) * 2, args['paddings'][i],
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['bias'])
+    pool = nn.max_pool if args['pools'][i] == 'max' else nn.avg_pool
+    x = pool(x, (args['pool_sizes'][i],) * 2, (args['pool_strides'][i],) * 2, 'VALID')
+  x = x.reshape(x.shape[0], -1)
+  for j in range(len(args['hidden'])):
+    x = jax.nn.relu(x @ params[f'Dense_{j}']['kernel'] + params[f'Dense_{j}']['bias'])
+  last = params[f'Dense_{len(args["hidden"])}']
+  return x @ last['kernel'] + last['bias']
+
+
+@pytest.mark.parametrize('layout', models.LAYOUTS)
+@pytest.mark.parametrize('padding,stride,pool,pool_size,pool_stride', [
+    ('VALID', 1, 'max', 2, 2),   # keras_convnet: 26 -> 13, then 11 -> 5 (row 11 unread)
+    ('SAME', 1, 'max', 3, 3),    # 28 -> 9 (row 28 unread), 9 -> 3
+    ('SAME', 2, 'avg', 3, 2),    # overlapping windows: 14 -> 6 (row 14 unread)
+    ('VALID', 1, 'max', 3, 2)])
+def test_convnet_computing_only_the_pooled_conv_outputs_matches_lax_conv(
+    layout, padding, stride, pool, pool_size, pool_stride):
+  """Logits and every gradient against lax.conv + Flax pooling with JAX's derivatives
+  (random images: no ties for the max pool to break differently)."""
+  args = dict(filters=(4, 8), kernel_sizes=(3, 3), strides=(stride, 1),
+              paddings=(padding,) * 2, norms=('none',) * 2, pools=(pool,) * 2,
+              pool_sizes=(pool_size,) * 2, pool_strides=(pool_stride,) * 2, hidden=(16,))
+  model = models.ConvNet(**args, layout=layout)
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  params = model.init(jax.random.key(1), x)['params']
+  params = jax.tree_util.tree_map(  # Non-zero biases too.
+      lambda p: 0.3 * jax.random.normal(jax.random.key(2), p.shape), params)
+  np.testing.assert_allclose(model.apply({'params': params}, x),
+                             reference_convnet(params, x, args), rtol=1e-4, atol=1e-4)
+  ours = jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, x))))(params)
+  want = jax.grad(lambda p: jnp.sum(jnp.sin(reference_convnet(p, x, args))))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
