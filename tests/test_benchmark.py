@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from configs import default
 from conftest import REPO
 from convnet import benchmark, peers
@@ -75,3 +77,11 @@ def test_peers_skip_a_model_they_do_not_build():
   config.model.norm = ('batch',)
   assert peers.trainers(config, data=None, steps=1) == (
       {}, {name: 'normalisation layers are not built for peers' for name in peers.NAMES})
+
+
+def test_peak_rss_is_the_benchmark_process_own_not_its_parent():
+  ballast = np.ones(2 * 2**30 // 8)  # 2 GB in this (parent) process.
+  code = 'from convnet import benchmark; print(benchmark.peak_rss_mb())'
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=True)
+  assert float(proc.stdout) < 1000 < ballast.nbytes / 2**20
