@@ -58,6 +58,7 @@ def training_timer(config, data, steps: int) -> dict:
   """The trainer's own compiled chunk of `steps` steps, parallelised as config.parallel
   says: its compile time, evaluation images/s, XLA's FLOPs per training image, and
   `repeat`, which runs the chunk once more and returns its training images/s."""
+  parallel.keep_freed_memory()  # As train.train_and_evaluate does.
   devices, _ = parallel.participating_devices(config.num_devices)
   model = train.build_model(config.model)
   steps_per_epoch = len(data.train.labels) // config.batch_size

@@ -353,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   unfinished run of the same config resumes from its latest checkpoint.
   """
   run_start = time.time()
+  parallel.keep_freed_memory()
   config_lib.validate(config, jax.local_device_count() if jax.process_count() == 1
                       else jax.device_count())
   if config.parallel == 'jit' and jax.process_count() > 1:

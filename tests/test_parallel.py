@@ -1,8 +1,10 @@
-"""Several processes (jax.distributed over localhost, gloo) train exactly like one."""
+"""Several processes (jax.distributed over localhost, gloo) train exactly like one; the
+process's malloc settings."""
 
 import json
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +47,30 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
   records = [workdir.read_jsonl(tmp_path / run / 'metrics.jsonl') for run in ('one', 'two')]
   assert [r['step'] for r in records[1]] == [r['step'] for r in records[0]] == [16, 32, 48, 64, 64]
   assert sorted(p.name for p in (tmp_path / 'two' / 'checkpoints').iterdir()) == ['64']
+
+
+# Plain malloc and free, as XLA's kernels use them (NumPy asks for huge pages).
+PAGE_FAULTS = """
+import ctypes, resource, sys
+from convnet import parallel
+if sys.argv[1] == 'keep':
+  assert parallel.keep_freed_memory()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+  block = libc.malloc(40_000_000)
+  ctypes.memset(block, 1, 40_000_000)
+  libc.free(block)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_keep_freed_memory_reuses_freed_blocks_without_page_faults():
+  faults = {how: int(subprocess.run([sys.executable, '-c', PAGE_FAULTS, how], cwd=REPO,
+                                    capture_output=True, text=True, check=True,
+                                    timeout=120).stdout)
+            for how in ('default', 'keep')}
+  pages = 40_000_000 // 4096
+  assert faults['default'] > 15 * pages  # glibc gives each freed block back to the OS...
+  assert faults['keep'] < 2 * pages  # ...and now keeps the first one for the other 19.
