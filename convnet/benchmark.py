@@ -12,7 +12,7 @@ f32 matmuls on the same devices, measured in the same run. With the `[bench]` ex
 installed, the same model on the same data and batch size is also trained with
 tf.keras (`fit`) and PyTorch (a plain loop), and the ratios are printed. The
 trainers take turns, one repeat each per round, so that all of them see the same
-machine.
+machine; convnet/peer is the median of the rounds' ratios.
 
 `time_to_accuracy`: trains the config once and reports the wall time from the start
 (compile included) to the first epoch whose test accuracy reaches --target.
@@ -112,9 +112,16 @@ def interleave(runs: dict, repeats: int) -> dict:
 
 
 def summary(rates: list[float]) -> dict:
-  """min / median / max / all of a list of images/s."""
-  rates = sorted(rates)
-  return {'min': rates[0], 'median': float(np.median(rates)), 'max': rates[-1], 'all': rates}
+  """min / median / max of a list of images/s, and all of it in round order."""
+  return {'min': min(rates), 'median': float(np.median(rates)), 'max': max(rates),
+          'all': list(rates)}
+
+
+def ratio_per_round(ours: dict, theirs: dict) -> float:
+  """The median over rounds of ours / theirs in the same round: timings seconds apart,
+  so the machine's drift between rounds cancels (a ratio of two medians can pair a
+  fast phase of one trainer with a slow phase of the other)."""
+  return float(np.median(np.divide(ours['all'], theirs['all'])))
 
 
 def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
@@ -139,8 +146,9 @@ def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
       'median'] / 1e9
   result['percent_of_matmul_peak'] = 100 * result['achieved_gflops'] / result[
       'matmul_peak_gflops']
-  result['peers'] = {name: rates[name] if name in rates else {'skipped': skipped[name]}
-                     for name in peers.NAMES}
+  result['peers'] = {
+      name: {**rates[name], 'convnet_ratio': ratio_per_round(rates['convnet'], rates[name])}
+      if name in rates else {'skipped': skipped[name]} for name in peers.NAMES}
   if with_peers and 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     result['peers_note'] = ('XLA_FLAGS forces several CPU devices in this process and '
                             'TensorFlow reads it too (its fit ran ~30% slower so here); '
@@ -186,7 +194,8 @@ def print_benchmark(name: str, result: dict) -> None:
       print(f'  {peer:<16} skipped: {info["skipped"]}')
     else:
       print(f'  {peer:<16} median {info["median"]:,.0f} images/s; convnet/{peer} = '
-            f'{rates["median"] / info["median"]:.2f}')
+            f'{info["convnet_ratio"]:.2f} (median of the rounds\' ratios; '
+            f'{rates["median"] / info["median"]:.2f} from the medians)')
   if 'peers_note' in result:
     print(f'  note: {result["peers_note"]}')
 

@@ -72,6 +72,12 @@ def test_interleave_runs_every_trainer_once_per_round():
   assert rates['jit'] == {'min': 2.0, 'median': 5.0, 'max': 8.0, 'all': [2.0, 5.0, 8.0]}
 
 
+def test_ratio_per_round_pairs_timings_of_the_same_round():
+  # Per round convnet is 2x, 1.5x and 4x the peer; the medians alone (30 / 10) say 3x.
+  ours, theirs = {'all': [20.0, 30.0, 40.0]}, {'all': [10.0, 20.0, 10.0]}
+  assert benchmark.ratio_per_round(ours, theirs) == 2.0
+
+
 def test_peers_skip_a_model_they_do_not_build():
   config = default.get_config()
   config.model.norm = ('batch',)
