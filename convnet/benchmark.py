@@ -58,7 +58,6 @@ def training_timer(config, data, steps: int) -> dict:
   """The trainer's own compiled chunk of `steps` steps, parallelised as config.parallel
   says: its compile time, evaluation images/s, XLA's FLOPs per training image, and
   `repeat`, which runs the chunk once more and returns its training images/s."""
-  parallel.keep_freed_memory()  # As train.train_and_evaluate does.
   devices, _ = parallel.participating_devices(config.num_devices)
   model = train.build_model(config.model)
   steps_per_epoch = len(data.train.labels) // config.batch_size
@@ -188,7 +187,8 @@ def print_benchmark(name: str, result: dict) -> None:
   print(f'  FLOPs/train image {result["flops_per_image"] / 1e6:.1f} M -> '
         f'{result["achieved_gflops"]:.1f} GFLOP/s = {result["percent_of_matmul_peak"]:.0f}% of '
         f'the {result["matmul_peak_gflops"]:.0f} GFLOP/s of 1024x1024 matmuls')
-  print(f'  peak RSS         {result["peak_rss_mb"]:,.0f} MB')
+  print(f'  peak RSS         {result["peak_rss_mb"]:,.0f} MB (malloc keeps freed memory: '
+        f'{result.get("keep_freed_memory", False)})')
   for peer, info in result['peers'].items():
     if 'skipped' in info:
       print(f'  {peer:<16} skipped: {info["skipped"]}')
@@ -259,6 +259,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if CPU_DEVICES.value:  # Before any jax call, as in convnet.main.
     parallel.force_cpu_devices(CPU_DEVICES.value)
+  # As train.train_and_evaluate does; for the whole process, peers included.
+  kept_freed_memory = KEEP_FREED_MEMORY.value and parallel.keep_freed_memory()
   if MODE.value not in ('train', 'seeds', 'time_to_accuracy'):
     sys.exit(f'error: unknown --mode={MODE.value}; known: train, seeds, time_to_accuracy')
   try:
@@ -272,6 +274,7 @@ def main(argv):
       print_seeds(result)
     else:
       result = run_benchmark(CONFIG.value, STEPS.value, REPEATS.value, PEERS.value)
+      result['keep_freed_memory'] = kept_freed_memory
       print_benchmark(flags.FLAGS['config'].config_filename, result)
   except train.USER_ERRORS as e:
     sys.exit(f'error: {e}')
@@ -290,6 +293,11 @@ if __name__ == '__main__':
   PEERS = flags.DEFINE_bool('peers', True, 'train: also time tf.keras and PyTorch if installed.')
   NUM_SEEDS = flags.DEFINE_integer('num_seeds', 2, 'seeds mode: how many seeds.')
   JSON = flags.DEFINE_string('json', '', 'Also write the result to this JSON file.')
+  KEEP_FREED_MEMORY = flags.DEFINE_bool(
+      'keep_freed_memory', True, 'train: let malloc keep freed blocks for reuse, as the '
+      'trainer does (parallel.keep_freed_memory); the peers share the process, so they get it '
+      "too. false = glibc's defaults, under which PyTorch page-faults its activations in "
+      'afresh every step (README "Performance").')
   CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Split the CPU into this many XLA '
                                      'devices, as convnet.main --cpu_devices does.',
                                      lower_bound=0)

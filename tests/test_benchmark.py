@@ -29,6 +29,7 @@ def test_benchmark_smoke_mode_writes_its_json_with_every_field(tmp_path):
   assert result['parallel'] == 'pmap' and result['num_devices'] == 2  # conftest's 2 devices
   assert result['compile_s'] > 0 and result['eval_images_per_s'] > 0
   assert 100 < result['peak_rss_mb'] < 4000 and result['matmul_peak_gflops'] > 1
+  assert result['keep_freed_memory'] is True  # glibc here, as the trainer sets it
   # The lesson model's forward pass is 2 * (28*28*9*32 + 6272*128 + 128*10) FLOPs per
   # image; training (forward + two backward products) is about three times that.
   forward = 2 * (28 * 28 * 9 * 32 + 14 * 14 * 32 * 128 + 128 * 10)
