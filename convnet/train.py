@@ -112,7 +112,10 @@ def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
       return jax.tree_util.tree_map(jnp.add, sums, slice_sums), None
 
     zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), 0.0, 0)
-    (grads, loss, correct), _ = lax.scan(add_slice, zeros, jnp.arange(batch_size // size))
+    # Two slices per loop trip: they are independent, so XLA runs one's memory-bound
+    # ops beside the other's matmuls (+3-7% on keras_convnet, README "Performance").
+    (grads, loss, correct), _ = lax.scan(add_slice, zeros, jnp.arange(batch_size // size),
+                                         unroll=2)
     updates = {}
   grads = lax.pmean(grads, axis_name)
   state = state.apply_gradients(grads=grads, batch_stats=updates.get('batch_stats', {}))
