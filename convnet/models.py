@@ -6,14 +6,16 @@ that multiplies-and-adds; the max of each window) in a form XLA runs fast on CPU
 im2col (stack the kh*kw shifted slices, one matmul) and reshape-max pooling, each
 with a hand-written backward pass (`jax.custom_vjp`): the im2col backward reuses
 the forward's patches and adds the input gradient back tap by tap, and the max
-pool sends each gradient to its window's maximum without counting ties. Inside a
+pool sends each gradient to its window's first maximum, as TF and PyTorch do. Inside a
 scanned training loop these are several times faster on CPU than
 `lax.conv_general_dilated`, `reduce_window` and JAX's own derivatives of them
 (measured in README "Performance"); `conv_impl='xla'` keeps the library
 convolution available for comparison and for accelerators. The blocks run in NHWC
 or, with layout='CHWN', batch-innermost, which makes the patches plain slices and is
-faster on CPU for stacks of blocks; both hold the same parameters. Dropout is
-nn.Dropout's, with its random bits computed in a form XLA fuses on CPU.
+faster on CPU for stacks of blocks; both hold the same parameters. In CHWN a block on
+a one-channel input computes its conv and max pool as one matmul over the pool
+window's phases (`conv_max_pool_by_phase`). Dropout is nn.Dropout's, with its random
+bits computed in a form XLA fuses on CPU.
 """
 
 import functools
@@ -32,6 +34,9 @@ NORMS = ('none', 'batch', 'layer')
 CONV_IMPLS = ('im2col', 'xla')
 LAYOUTS = ('NHWC', 'CHWN')
 ACTIVATIONS = ('relu', 'gelu', 'elu', 'silu', 'tanh', 'sigmoid', 'leaky_relu', 'identity')
+# Nondecreasing: pooling their outputs is taking them of the pooled inputs. (Where one
+# is flat, the pool may pick another of the tied inputs, but the gradient there is ~0.)
+MONOTONE_ACTIVATIONS = ('relu', 'elu', 'leaky_relu', 'identity')
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
@@ -57,6 +62,13 @@ def pooled_extent(size: int, pool: str, window: int, stride: int) -> int:
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   total = max((conv_output_size(size, kernel, stride, 'SAME') - 1) * stride + kernel - size, 0)
   return total // 2, total - total // 2
+
+
+def pad_same(x, kh: int, kw: int, stride: int):
+  """x padded as a 'SAME' convolution pads it (rows and columns are axes 1 and 2 in
+  both layouts)."""
+  h, w = x.shape[1], x.shape[2]
+  return jnp.pad(x, ((0, 0), _same_padding(h, kh, stride), _same_padding(w, kw, stride), (0, 0)))
 
 
 def swap_batch_and_channels(x):
@@ -153,9 +165,8 @@ def conv2d(x, kernel, stride: int = 1, padding: str = 'SAME', impl: str = 'im2co
     y = lax.conv_general_dilated(
         x, kernel, (stride, stride), padding, dimension_numbers=(layout, 'HWIO', layout))
     return y if out_size is None else y[:, :out_size[0], :out_size[1], :]
-  h, w = x.shape[1], x.shape[2]  # Rows and columns are axes 1 and 2 in both layouts.
   if padding == 'SAME':
-    x = jnp.pad(x, ((0, 0), _same_padding(h, kh, stride), _same_padding(w, kw, stride), (0, 0)))
+    x = pad_same(x, kh, kw, stride)
   if out_size is not None:  # The input rows and columns those outputs read.
     x = x[:, :(out_size[0] - 1) * stride + kh, :(out_size[1] - 1) * stride + kw, :]
   return conv_valid_im2col(x, kernel, stride, layout)
@@ -173,21 +184,86 @@ def max_pool_tiles(x, window: int):
   return _max_pool_forward(x, window)[0]
 
 
-def _max_pool_backward(window: int, residuals, dy):
-  """Each tile's gradient goes to its maximum (to every one of them if tied).
+def _first_maximum(candidates, maximum):
+  """Elementwise, the index of the first of `candidates` equal to `maximum`."""
+  index = jnp.full(maximum.shape, len(candidates), jnp.int32)
+  for i in reversed(range(len(candidates))):
+    index = jnp.where(candidates[i] == maximum, i, index)
+  return index
 
-  JAX's derivative of jnp.max divides by the number of ties, a reduction that
-  costs more than the pooling itself on CPU. Ties within a tile are rare after
-  any activation but ReLU, whose zero-gradient at 0 clears them anyway.
+
+def _max_pool_backward(window: int, residuals, dy):
+  """Each tile's gradient goes to its first maximum in row-major order, as TF's and
+  PyTorch's max pooling send it.
+
+  On a blank background every tile ties (a ReLU of a positive bias): a gradient to
+  every tied maximum would count the bias window**2 times there. JAX's derivative of
+  jnp.max divides by the number of ties instead, a reduction that costs more than the
+  pooling itself on CPU.
   """
   x, y = residuals
   n, h, w, c = x.shape
   tiles = x.reshape(n, h // window, window, w // window, window, c)
-  at_max = tiles == y[:, :, None, :, None, :]
-  return (jnp.where(at_max, dy[:, :, None, :, None, :], 0.0).reshape(x.shape),)
+  first = _first_maximum([tiles[:, :, a, :, b, :] for a in range(window)
+                          for b in range(window)], y)
+  shape = (1, 1, window, 1, window, 1)
+  position = (lax.broadcasted_iota(jnp.int32, shape, 2) * window
+              + lax.broadcasted_iota(jnp.int32, shape, 4))
+  to_first = position == first[:, :, None, :, None, :]
+  return (jnp.where(to_first, dy[:, :, None, :, None, :], 0.0).reshape(x.shape),)
 
 
 max_pool_tiles.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+def _max_over_phases_forward(y):
+  # Elementwise maxima of the slices, which XLA fuses: a reduce over this leading axis
+  # went to a library kernel ~5x slower than the conv's matmul.
+  m = functools.reduce(jnp.maximum, list(y))
+  return m, (y, m)
+
+
+@jax.custom_vjp
+def max_over_phases(y):
+  """Max over the leading axis of y, its gradient to the first maximum (as
+  max_pool_tiles: the phases are in row-major order within the window)."""
+  return _max_over_phases_forward(y)[0]
+
+
+def _max_over_phases_backward(residuals, dm):
+  y, m = residuals
+  phase = lax.broadcasted_iota(jnp.int32, y.shape, 0)
+  return (jnp.where(phase == _first_maximum(list(y), m), dm, 0.0),)
+
+
+max_over_phases.defvjp(_max_over_phases_forward, _max_over_phases_backward)
+
+
+def conv_max_pool_by_phase(x, kernel, window: int, layout: str = 'NHWC'):
+  """max_pool(conv2d(x, kernel, 1, 'VALID'), window x window tiles), as one strided matmul.
+
+  Each pool output reads a (kh + window - 1) x (kw + window - 1) patch of x; the
+  kernel placed at each of the window's window**2 offsets in that patch (zeros
+  elsewhere) gives one block of output channels per offset, or phase, and the pool is
+  the elementwise max of those blocks. For a one-channel input the conv is bound by
+  memory traffic, not arithmetic: for a 3x3 kernel and 2x2 pool this writes 4/9 of the
+  patches the plain im2col writes, drops the separate pooling pass over the whole
+  conv output and shapes the kernel gradient as a wider matmul, for 16/9 of the
+  multiply-adds (README "Performance"). Add a bias and a MONOTONE_ACTIVATIONS
+  activation after the pool: that is pooling the activated conv.
+  """
+  kh, kw, _, cout = kernel.shape
+  phases = [jnp.pad(kernel, ((a, window - 1 - a), (b, window - 1 - b), (0, 0), (0, 0)))
+            for a in range(window) for b in range(window)]
+  out_h = pool_output_size(x.shape[1] - kh + 1, window, window)
+  out_w = pool_output_size(x.shape[2] - kw + 1, window, window)
+  x = x[:, :(out_h - 1) * window + kh + window - 1, :(out_w - 1) * window + kw + window - 1, :]
+  y = conv_valid_im2col(x, jnp.concatenate(phases, axis=-1), window, layout)
+  if layout == 'NHWC':
+    y = jnp.moveaxis(y.reshape(*y.shape[:3], window * window, cout), 3, 0)
+  else:
+    y = y.reshape(window * window, cout, *y.shape[1:])
+  return max_over_phases(y)
 
 
 def pool2d(x, kind: str, window: int, stride: int):
@@ -295,6 +371,12 @@ class ConvBlock(nn.Module):
     channels = -1 if self.layout == 'NHWC' else 0
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (k, k, x.shape[channels], self.features), jnp.float32)
+    if self._pools_by_phase(x.shape[channels]):
+      x = pad_same(x, k, k, 1) if self.padding == 'SAME' else x
+      y = conv_max_pool_by_phase(x, kernel, self.pool_size, self.layout)
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + (bias if self.layout == 'NHWC' else bias[:, None, None, None])
+      return activation_fn(self.activation)(y)
     y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl, self.layout,
                self._pooled_outputs(x.shape[1], x.shape[2]))
     if self.norm == 'batch':
@@ -310,6 +392,16 @@ class ConvBlock(nn.Module):
     y = pool2d(y, self.pool, self.pool_size, self.pool_stride)
     self._keep_nhwc('pool', y)
     return y
+
+  def _pools_by_phase(self, in_channels: int) -> bool:
+    """Whether to run conv + max pool as conv_max_pool_by_phase: measured faster for a
+    one-channel input in CHWN (keras_convnet's first block, kernel 3 or 5), slower in
+    NHWC (the lesson's model). It needs tiling windows, a stride of 1, no norm layer, an
+    activation that commutes with the max, and no feature maps kept to be shown."""
+    return (self.layout == 'CHWN' and in_channels == 1 and self.conv_impl == 'im2col'
+            and self.stride == 1 and self.pool == 'max' and self.pool_size == self.pool_stride
+            and self.norm == 'none' and self.activation in MONOTONE_ACTIVATIONS
+            and not self.is_mutable_collection('intermediates'))
 
   def _pooled_outputs(self, h: int, w: int) -> Optional[tuple[int, int]]:
     """The conv outputs the pool reads, when fewer than all: a pool whose windows do not

@@ -105,10 +105,12 @@ def test_conv_gradients_match_numpy_windows(mnist, impl, padding, kernel_size, s
   np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize('noise', [0.0, 1e-3])
 @pytest.mark.parametrize('window', [2, 3])
-def test_max_pool_gradient_goes_to_each_window_maximum(mnist, window):
-  # Real digits plus a little noise, so no window has two equal maxima.
-  noise = np.random.default_rng(0).normal(0, 1e-3, (2, 27, 28, 1))
+def test_max_pool_gradient_goes_to_each_window_first_maximum(mnist, window, noise):
+  """Real digits: without noise the blank background ties in every window, and the
+  gradient goes to the first maximum in row-major order (np.argmax's), as in TF."""
+  noise = np.random.default_rng(0).normal(0, noise, (2, 27, 28, 1))
   x = (mnist.test.images[:2, :27] / 255.0 + noise).astype(np.float32)
   pooled_shape = numpy_pool(x, np.max, window, window).shape
   dy = np.random.default_rng(1).normal(size=pooled_shape).astype(np.float32)
@@ -121,6 +123,72 @@ def test_max_pool_gradient_goes_to_each_window_maximum(mnist, window):
         a, b = np.unravel_index(np.argmax(tile), tile.shape)
         want[n, i * window + a, j * window + b, 0] = dy[n, i, j, 0]
   np.testing.assert_allclose(dx, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize('layout', models.LAYOUTS)
+@pytest.mark.parametrize('kernel_size,window,size,channels', [
+    (3, 2, 28, 1), (3, 2, 27, 1), (5, 2, 28, 1), (3, 3, 28, 1), (2, 2, 13, 2)])
+def test_conv_max_pool_by_phase_matches_numpy_windows(mnist, layout, kernel_size, window, size,
+                                                      channels):
+  """Values against NumPy's sliding windows (odd sizes: the pool drops the last row);
+  gradients against lax.conv + Flax's max pool with JAX's derivatives."""
+  noise = np.random.default_rng(0).normal(0, 1e-3, (3, size, size, channels))
+  x = np.concatenate([mnist.test.images[i:i + 3, :size, :size] for i in range(channels)], -1)
+  x = (x / 255.0 + noise).astype(np.float32)  # no pool window with two equal maxima
+  kernel = np.random.default_rng(1).normal(size=(kernel_size, kernel_size, channels, 4))
+  kernel = kernel.astype(np.float32)
+  want = numpy_pool(numpy_conv(x, kernel, 0.0, 1, 'VALID'), np.max, window, window)
+  to_layout = (lambda a: a) if layout == 'NHWC' else models.swap_batch_and_channels
+
+  def ours(x, kernel):
+    return to_layout(models.conv_max_pool_by_phase(to_layout(x), kernel, window, layout))
+
+  def reference(x, kernel):
+    y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return nn.max_pool(y, (window, window), (window, window), 'VALID')
+
+  np.testing.assert_allclose(ours(x, kernel), want, rtol=1e-5, atol=1e-5)
+  dy = np.random.default_rng(2).normal(size=want.shape).astype(np.float32)
+  got = jax.grad(lambda x, k: jnp.sum(ours(x, k) * dy), argnums=(0, 1))(x, kernel)
+  expected = jax.grad(lambda x, k: jnp.sum(reference(x, k) * dy), argnums=(0, 1))(x, kernel)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('layout,changes,by_phase', [
+    ('CHWN', {}, True), ('CHWN', {'padding': 'SAME', 'activation': 'leaky_relu'}, True),
+    ('NHWC', {}, False), ('CHWN', {'norm': 'layer'}, False), ('CHWN', {'stride': 2}, False),
+    ('CHWN', {'pool_stride': 1}, False), ('CHWN', {'activation': 'gelu'}, False),
+    ('CHWN', {'conv_impl': 'xla'}, False)])
+def test_a_one_channel_block_pools_by_phase_only_where_that_is_exact(
+    mnist, monkeypatch, layout, changes, by_phase):
+  """Where ConvBlock takes conv_max_pool_by_phase, and that the block's output and
+  gradients are those of the same block in NHWC, which never takes it. Real digits:
+  the pool windows on their blank background tie, and both send the gradient to the
+  first maximum."""
+  calls = []
+  real = models.conv_max_pool_by_phase
+  monkeypatch.setattr(models, 'conv_max_pool_by_phase',
+                      lambda *args: calls.append(args) or real(*args))
+  settings = {**dict(features=4, kernel_size=3, padding='VALID', pool='max', pool_size=2,
+                     pool_stride=2, activation='relu'), **changes}
+  block = models.ConvBlock(**settings, layout=layout)
+  nhwc_block = models.ConvBlock(**settings)
+  x = jnp.asarray(mnist.test.images[:4, :27] / 255.0, jnp.float32)
+  to_layout = (lambda a: a) if layout == 'NHWC' else models.swap_batch_and_channels
+  variables = nhwc_block.init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(  # Non-zero biases too.
+      lambda p: 0.3 * jax.random.normal(jax.random.key(1), p.shape), variables)
+
+  def loss(block, variables, x):
+    return jnp.sum(jnp.sin(block.apply(variables, x)))
+
+  got = jax.value_and_grad(lambda v: loss(block, v, to_layout(x)))(variables)
+  assert len(calls) == (1 if by_phase else 0)
+  want = jax.value_and_grad(lambda v: loss(nhwc_block, v, x))(variables)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('kind,reduce', [('max', np.max), ('avg', np.mean)])
