@@ -255,10 +255,9 @@ def conv_max_pool_by_phase(x, kernel, window: int, layout: str = 'NHWC'):
   kh, kw, _, cout = kernel.shape
   phases = [jnp.pad(kernel, ((a, window - 1 - a), (b, window - 1 - b), (0, 0), (0, 0)))
             for a in range(window) for b in range(window)]
-  out_h = pool_output_size(x.shape[1] - kh + 1, window, window)
-  out_w = pool_output_size(x.shape[2] - kw + 1, window, window)
-  x = x[:, :(out_h - 1) * window + kh + window - 1, :(out_w - 1) * window + kw + window - 1, :]
-  y = conv_valid_im2col(x, jnp.concatenate(phases, axis=-1), window, layout)
+  out_size = tuple(pool_output_size(n - k + 1, window, window)
+                   for n, k in ((x.shape[1], kh), (x.shape[2], kw)))
+  y = conv2d(x, jnp.concatenate(phases, axis=-1), window, 'VALID', 'im2col', layout, out_size)
   if layout == 'NHWC':
     y = jnp.moveaxis(y.reshape(*y.shape[:3], window * window, cout), 3, 0)
   else:
@@ -371,14 +370,13 @@ class ConvBlock(nn.Module):
     channels = -1 if self.layout == 'NHWC' else 0
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (k, k, x.shape[channels], self.features), jnp.float32)
-    if self._pools_by_phase(x.shape[channels]):
+    by_phase = self._pools_by_phase(x.shape[channels])
+    if by_phase:
       x = pad_same(x, k, k, 1) if self.padding == 'SAME' else x
       y = conv_max_pool_by_phase(x, kernel, self.pool_size, self.layout)
-      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-      y = y + (bias if self.layout == 'NHWC' else bias[:, None, None, None])
-      return activation_fn(self.activation)(y)
-    y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl, self.layout,
-               self._pooled_outputs(x.shape[1], x.shape[2]))
+    else:
+      y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl, self.layout,
+                 self._pooled_outputs(x.shape[1], x.shape[2]))
     if self.norm == 'batch':
       y = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis=channels,
                        axis_name=self.axis_name if train else None)(y)
@@ -388,6 +386,8 @@ class ConvBlock(nn.Module):
       bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + (bias if self.layout == 'NHWC' else bias[:, None, None, None])
     y = activation_fn(self.activation)(y)
+    if by_phase:  # Pooled already, and no feature maps to keep (see _pools_by_phase).
+      return y
     self._keep_nhwc('conv', y)
     y = pool2d(y, self.pool, self.pool_size, self.pool_stride)
     self._keep_nhwc('pool', y)

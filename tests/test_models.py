@@ -125,6 +125,14 @@ def test_max_pool_gradient_goes_to_each_window_first_maximum(mnist, window, nois
   np.testing.assert_allclose(dx, want, rtol=1e-6)
 
 
+def test_max_over_phases_sends_the_gradient_to_the_first_tied_maximum():
+  y = jnp.array([[1.0, 3.0, 2.0], [3.0, 0.0, 2.0], [3.0, 3.0, 2.0]])  # [phase, position]
+  dm = jnp.array([10.0, 20.0, 30.0])
+  np.testing.assert_array_equal(models.max_over_phases(y), [3.0, 3.0, 2.0])
+  grad = jax.grad(lambda y: jnp.sum(models.max_over_phases(y) * dm))(y)
+  np.testing.assert_array_equal(grad, [[0, 20, 30], [10, 0, 0], [0, 0, 0]])
+
+
 @pytest.mark.parametrize('layout', models.LAYOUTS)
 @pytest.mark.parametrize('kernel_size,window,size,channels', [
     (3, 2, 28, 1), (3, 2, 27, 1), (5, 2, 28, 1), (3, 3, 28, 1), (2, 2, 13, 2)])
