@@ -82,20 +82,22 @@ def _patches(x, kh: int, kw: int, stride: int, out_h: int, out_w: int, layout: s
   Row (tap_row, tap_col, in_channel), like a flattened HWIO kernel; one column per
   output pixel, (image, row, col) for NHWC input and (row, col, image) for CHWN.
   Channel-major because both matmuls that read it (the forward pass and the
-  kernel gradient) then need no transposed copy of it.
+  kernel gradient) then need no transposed copy of it. Stacked as kh rows of kw
+  taps, not as one concatenation of kh*kw taps: XLA's CPU backend fuses a
+  concatenation of at most 8 operands, so a 3x3 kernel's 9 taps were each written
+  out and then copied again (keras_convnet +2-8% images/s).
   """
   if layout == 'NHWC':
     x = jnp.transpose(x, (3, 0, 1, 2))  # C N H W
   rows, cols = (2, 3) if layout == 'NHWC' else (1, 2)
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      start, limit, strides = [0] * 4, list(x.shape), [1] * 4
-      start[rows], limit[rows], strides[rows] = i, i + (out_h - 1) * stride + 1, stride
-      start[cols], limit[cols], strides[cols] = j, j + (out_w - 1) * stride + 1, stride
-      taps.append(lax.slice(x, start, limit, strides))
-  patches = jnp.concatenate(taps, axis=0) if len(taps) > 1 else taps[0]
-  return patches.reshape(patches.shape[0], -1)
+
+  def tap(i: int, j: int):
+    start, limit, strides = [0] * 4, list(x.shape), [1] * 4
+    start[rows], limit[rows], strides[rows] = i, i + (out_h - 1) * stride + 1, stride
+    start[cols], limit[cols], strides[cols] = j, j + (out_w - 1) * stride + 1, stride
+    return lax.slice(x, start, limit, strides)
+  patches = jnp.stack([jnp.stack([tap(i, j) for j in range(kw)]) for i in range(kh)])
+  return patches.reshape(kh * kw * x.shape[0], -1)
 
 
 def _conv_valid_forward(x, kernel, stride: int, layout: str):
