@@ -82,10 +82,12 @@ def _patches(x, kh: int, kw: int, stride: int, out_h: int, out_w: int, layout: s
   Row (tap_row, tap_col, in_channel), like a flattened HWIO kernel; one column per
   output pixel, (image, row, col) for NHWC input and (row, col, image) for CHWN.
   Channel-major because both matmuls that read it (the forward pass and the
-  kernel gradient) then need no transposed copy of it. Stacked as kh rows of kw
-  taps, not as one concatenation of kh*kw taps: XLA's CPU backend fuses a
-  concatenation of at most 8 operands, so a 3x3 kernel's 9 taps were each written
-  out and then copied again (keras_convnet +2-8% images/s).
+  kernel gradient) then need no transposed copy of it. Built as kh rows of kw taps,
+  not as one concatenation of kh*kw taps: XLA's CPU backend fuses a concatenation
+  of at most 8 operands, so a 3x3 kernel's 9 taps were each written out and then
+  copied again. Each row gets its leading axis by a reshape, not jnp.stack: under
+  vmap (num_seeds > 1) stack put the seed axis inside the tap axes, which cost a
+  transposing copy of the patches.
   """
   if layout == 'NHWC':
     x = jnp.transpose(x, (3, 0, 1, 2))  # C N H W
@@ -96,7 +98,10 @@ def _patches(x, kh: int, kw: int, stride: int, out_h: int, out_w: int, layout: s
     start[rows], limit[rows], strides[rows] = i, i + (out_h - 1) * stride + 1, stride
     start[cols], limit[cols], strides[cols] = j, j + (out_w - 1) * stride + 1, stride
     return lax.slice(x, start, limit, strides)
-  patches = jnp.stack([jnp.stack([tap(i, j) for j in range(kw)]) for i in range(kh)])
+  def row(i: int):  # [1, kw*cin, ...]
+    taps = jnp.concatenate([tap(i, j) for j in range(kw)], axis=0)
+    return taps.reshape((1,) + taps.shape)
+  patches = jnp.concatenate([row(i) for i in range(kh)], axis=0)
   return patches.reshape(kh * kw * x.shape[0], -1)
 
 
