@@ -51,12 +51,16 @@ def pool_output_size(size: int, window: int, stride: int) -> int:
   return (size - window) // stride + 1
 
 
-def pooled_extent(size: int, pool: str, window: int, stride: int) -> int:
-  """How many leading rows (or columns) of `size` a 'VALID' pool reads; the rest, the
-  partial window at the edge, it drops."""
+def pool_reads(size: int, pool: str, window: int, stride: int,
+               outputs: Optional[int] = None) -> int:
+  """How many leading rows (or columns) of `size` a 'VALID' pool reads to compute its
+  first `outputs` (all, if None); the rest, such as a partial window at the edge, it
+  drops."""
   if pool == 'none':
-    return size
-  return (pool_output_size(size, window, stride) - 1) * stride + window
+    return size if outputs is None else outputs
+  if outputs is None:
+    outputs = pool_output_size(size, window, stride)
+  return (outputs - 1) * stride + window
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -246,8 +250,10 @@ def _max_over_phases_backward(residuals, dm):
 max_over_phases.defvjp(_max_over_phases_forward, _max_over_phases_backward)
 
 
-def conv_max_pool_by_phase(x, kernel, window: int, layout: str = 'NHWC'):
-  """max_pool(conv2d(x, kernel, 1, 'VALID'), window x window tiles), as one strided matmul.
+def conv_max_pool_by_phase(x, kernel, window: int, layout: str = 'NHWC',
+                           out_size: Optional[tuple[int, int]] = None):
+  """max_pool(conv2d(x, kernel, 1, 'VALID'), window x window tiles), as one strided matmul;
+  with out_size=(rows, cols), only the pool's first rows x cols outputs.
 
   Each pool output reads a (kh + window - 1) x (kw + window - 1) patch of x; the
   kernel placed at each of the window's window**2 offsets in that patch (zeros
@@ -262,8 +268,8 @@ def conv_max_pool_by_phase(x, kernel, window: int, layout: str = 'NHWC'):
   kh, kw, _, cout = kernel.shape
   phases = [jnp.pad(kernel, ((a, window - 1 - a), (b, window - 1 - b), (0, 0), (0, 0)))
             for a in range(window) for b in range(window)]
-  out_size = tuple(pool_output_size(n - k + 1, window, window)
-                   for n, k in ((x.shape[1], kh), (x.shape[2], kw)))
+  out_size = out_size or tuple(pool_output_size(n - k + 1, window, window)
+                               for n, k in ((x.shape[1], kh), (x.shape[2], kw)))
   y = conv2d(x, jnp.concatenate(phases, axis=-1), window, 'VALID', 'im2col', layout, out_size)
   if layout == 'NHWC':
     y = jnp.moveaxis(y.reshape(*y.shape[:3], window * window, cout), 3, 0)
@@ -370,6 +376,9 @@ class ConvBlock(nn.Module):
   conv_impl: str = 'im2col'
   axis_name: Optional[str] = None  # BatchNorm statistics are averaged over this pmap axis.
   layout: str = 'NHWC'
+  # The leading rows x cols of the output that the next block reads (None: all). Only
+  # those are computed, where that is exact (see _conv_outputs_read).
+  out_size: Optional[tuple[int, int]] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -380,10 +389,10 @@ class ConvBlock(nn.Module):
     by_phase = self._pools_by_phase(x.shape[channels])
     if by_phase:
       x = pad_same(x, k, k, 1) if self.padding == 'SAME' else x
-      y = conv_max_pool_by_phase(x, kernel, self.pool_size, self.layout)
+      y = conv_max_pool_by_phase(x, kernel, self.pool_size, self.layout, self.out_size)
     else:
       y = conv2d(x, kernel, self.stride, self.padding, self.conv_impl, self.layout,
-                 self._pooled_outputs(x.shape[1], x.shape[2]))
+                 self._conv_outputs_read(x.shape[1], x.shape[2]))
     if self.norm == 'batch':
       y = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis=channels,
                        axis_name=self.axis_name if train else None)(y)
@@ -410,17 +419,19 @@ class ConvBlock(nn.Module):
             and self.norm == 'none' and self.activation in MONOTONE_ACTIVATIONS
             and not self.is_mutable_collection('intermediates'))
 
-  def _pooled_outputs(self, h: int, w: int) -> Optional[tuple[int, int]]:
-    """The conv outputs the pool reads, when fewer than all: a pool whose windows do not
-    tile the conv output drops its last rows and columns, so they need not be computed
-    (keras_convnet's 11x11 -> 10x10: 17% of its second conv). Only without a norm layer
-    (BatchNorm's statistics cover every output) and when the feature maps are not kept
-    to be shown."""
+  def _conv_outputs_read(self, h: int, w: int) -> Optional[tuple[int, int]]:
+    """The conv outputs the pool reads to give the outputs the next block reads, when
+    fewer than all: a pool whose windows do not tile the conv output drops its last
+    rows and columns (keras_convnet's 11x11 -> 10x10: 17% of its second conv), and a
+    'VALID' next block may not read the last ones (its 3x3 kernel reads 12 of the first
+    block's 13). Only without a norm layer (BatchNorm's statistics cover every output)
+    and when the feature maps are not kept to be shown."""
     if self.norm != 'none' or self.is_mutable_collection('intermediates'):
       return None
     size = lambda n: conv_output_size(n, self.kernel_size, self.stride, self.padding)
-    used = tuple(pooled_extent(size(n), self.pool, self.pool_size, self.pool_stride)
-                 for n in (h, w))
+    wanted = self.out_size or (None, None)
+    used = tuple(pool_reads(size(n), self.pool, self.pool_size, self.pool_stride, want)
+                 for n, want in zip((h, w), wanted))
     return used if used != (size(h), size(w)) else None
 
   def _keep_nhwc(self, name: str, y):
@@ -457,12 +468,14 @@ class ConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    out_sizes = self._outputs_read(x.shape[1:3])
     if self.layout == 'CHWN':
       x = swap_batch_and_channels(x)
     for i, features in enumerate(self.filters):
       x = ConvBlock(features, self.kernel_sizes[i], self.strides[i], self.paddings[i],
                     self.norms[i], self.activation, self.pools[i], self.pool_sizes[i],
-                    self.pool_strides[i], self.conv_impl, self.axis_name, self.layout)(x, train)
+                    self.pool_strides[i], self.conv_impl, self.axis_name, self.layout,
+                    out_sizes[i])(x, train)
     if self.layout == 'CHWN':
       x = swap_batch_and_channels(x)
     x = x.reshape(x.shape[0], -1)
@@ -471,6 +484,30 @@ class ConvNet(nn.Module):
       x = activation_fn(self.activation)(nn.Dense(width)(x))
     x = Dropout(self.dropout)(x, train)
     return nn.Dense(self.num_classes)(x)
+
+  def _outputs_read(self, image_hw: Sequence[int]) -> list[Optional[tuple[int, int]]]:
+    """For each block, the leading rows x cols of its output that the next block reads,
+    or None for all: a 'VALID' conv reads (outputs - 1) * stride + kernel rows of its
+    input, and may compute fewer outputs than its input allows (ConvBlock's
+    _conv_outputs_read). The last block's output is flattened whole; a 'SAME' conv's
+    padding depends on its whole input, a norm layer's statistics on every output."""
+    if self.is_mutable_collection('intermediates'):  # Feature maps shown whole.
+      return [None] * len(self.filters)
+    sizes = [tuple(image_hw)] + [s[:2] for s in feature_shapes(self, (*image_hw, 1))]
+    out_sizes, read = [], None  # read: the outputs of block i that block i + 1 reads.
+    for i in reversed(range(len(self.filters))):
+      out_sizes.insert(0, read)
+      k, stride = self.kernel_sizes[i], self.strides[i]
+      if self.paddings[i] != 'VALID' or self.norms[i] != 'none':
+        read = None
+        continue
+      conv = [conv_output_size(n, k, stride, 'VALID') for n in sizes[i]]
+      pooled = read or (None, None)
+      read = tuple((pool_reads(n, self.pools[i], self.pool_sizes[i], self.pool_strides[i],
+                               want) - 1) * stride + k for n, want in zip(conv, pooled))
+      if read == sizes[i]:
+        read = None
+    return out_sizes
 
 
 def feature_shapes(model: ConvNet, image_shape: Sequence[int]) -> list[tuple[int, int, int]]:

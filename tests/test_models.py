@@ -357,18 +357,43 @@ def reference_convnet(params, x, args):
   return x @ last['kernel'] + last['bias']
 
 
+@pytest.mark.parametrize('paddings,norms,pool_sizes,want', [
+    # keras_convnet: block 2 pools 10 of its 11 conv rows, so reads 12 of block 1's 13.
+    (('VALID', 'VALID'), ('none', 'none'), (2, 2), [(12, 12), None]),
+    # 28 -> 26 -> 8 (reads 24), 8 -> 6 -> 2 (reads 6): block 1's 8 all read.
+    (('VALID', 'VALID'), ('none', 'none'), (3, 3), [None, None]),
+    # A 'SAME' block's outputs can be cut (after its padding): 28 -> 28 -> 9, 9 -> 7 -> 3.
+    (('SAME', 'VALID'), ('none', 'none'), (3, 2), [(8, 8), None]),
+    (('VALID', 'SAME'), ('none', 'none'), (2, 2), [None, None]),  # padding needs every row
+    (('VALID', 'VALID'), ('none', 'batch'), (2, 2), [None, None]),  # statistics: every row
+    # Three blocks: block 3 (5 -> 3 -> 1) reads 4 of block 2's 5 rows; block 2 pools 8
+    # of its conv rows for those and so reads 10 of block 1's 13.
+    (('VALID',) * 3, ('none',) * 3, (2, 2, 2), [(10, 10), (4, 4), None])])
+def test_each_block_computes_only_the_outputs_the_next_block_reads(paddings, norms,
+                                                                    pool_sizes, want):
+  n = len(paddings)
+  model = models.ConvNet(filters=(4,) * n, kernel_sizes=(3,) * n, strides=(1,) * n,
+                         paddings=paddings, norms=norms, pools=('max',) * n,
+                         pool_sizes=pool_sizes, pool_strides=pool_sizes, hidden=())
+  assert model.bind({})._outputs_read((28, 28)) == want
+  shown = model.bind({}, mutable=['intermediates'])  # feature maps are shown whole
+  assert shown._outputs_read((28, 28)) == [None] * n
+
+
 @pytest.mark.parametrize('layout', models.LAYOUTS)
-@pytest.mark.parametrize('padding,stride,pool,pool_size,pool_stride', [
-    ('VALID', 1, 'max', 2, 2),   # keras_convnet: 26 -> 13, then 11 -> 5 (row 11 unread)
-    ('SAME', 1, 'max', 3, 3),    # 28 -> 9 (row 28 unread), 9 -> 3
-    ('SAME', 2, 'avg', 3, 2),    # overlapping windows: 14 -> 6 (row 14 unread)
-    ('VALID', 1, 'max', 3, 2)])
+@pytest.mark.parametrize('paddings,stride,pool,pool_size,pool_stride', [
+    # keras_convnet: 26 -> 13, then 11 -> 5 (row 11 unread), so block 1 computes 12 rows
+    (('VALID',) * 2, 1, 'max', 2, 2),
+    (('SAME',) * 2, 1, 'max', 3, 3),    # 28 -> 9 (row 28 unread), 9 -> 3
+    (('SAME',) * 2, 2, 'avg', 3, 2),    # overlapping windows: 14 -> 6 (row 14 unread)
+    (('VALID',) * 2, 1, 'max', 3, 2),   # 26 -> 12, then 10 -> 4 reads 9: block 1 computes 11
+    (('SAME', 'VALID'), 1, 'max', 3, 3)])  # 28 -> 9, then 7 -> 2 reads 6: block 1 computes 8
 def test_convnet_computing_only_the_pooled_conv_outputs_matches_lax_conv(
-    layout, padding, stride, pool, pool_size, pool_stride):
+    layout, paddings, stride, pool, pool_size, pool_stride):
   """Logits and every gradient against lax.conv + Flax pooling with JAX's derivatives
   (random images: no ties for the max pool to break differently)."""
   args = dict(filters=(4, 8), kernel_sizes=(3, 3), strides=(stride, 1),
-              paddings=(padding,) * 2, norms=('none',) * 2, pools=(pool,) * 2,
+              paddings=paddings, norms=('none',) * 2, pools=(pool,) * 2,
               pool_sizes=(pool_size,) * 2, pool_strides=(pool_stride,) * 2, hidden=(16,))
   model = models.ConvNet(**args, layout=layout)
   x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
