@@ -63,6 +63,13 @@ def pool_reads(size: int, pool: str, window: int, stride: int,
   return (outputs - 1) * stride + window
 
 
+def block_output_size(size: int, kernel: int, stride: int, padding: str, pool: str,
+                      pool_size: int, pool_stride: int) -> int:
+  """Spatial size after a conv and its pool."""
+  size = conv_output_size(size, kernel, stride, padding)
+  return size if pool == 'none' else pool_output_size(size, pool_size, pool_stride)
+
+
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   total = max((conv_output_size(size, kernel, stride, 'SAME') - 1) * stride + kernel - size, 0)
   return total // 2, total - total // 2
@@ -386,6 +393,12 @@ class ConvBlock(nn.Module):
     channels = -1 if self.layout == 'NHWC' else 0
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (k, k, x.shape[channels], self.features), jnp.float32)
+    if self.out_size is not None:
+      full = [block_output_size(n, k, self.stride, self.padding, self.pool, self.pool_size,
+                                self.pool_stride) for n in (x.shape[1], x.shape[2])]
+      if not all(1 <= o <= f for o, f in zip(self.out_size, full)):
+        raise ValueError(f'ConvBlock out_size={tuple(self.out_size)} is not within its '
+                         f'{full[0]}x{full[1]} output')
     by_phase = self._pools_by_phase(x.shape[channels])
     if by_phase:
       x = pad_same(x, k, k, 1) if self.padding == 'SAME' else x
@@ -515,11 +528,9 @@ def feature_shapes(model: ConvNet, image_shape: Sequence[int]) -> list[tuple[int
   h, w, _ = image_shape
   shapes = []
   for i, c in enumerate(model.filters):
-    h = conv_output_size(h, model.kernel_sizes[i], model.strides[i], model.paddings[i])
-    w = conv_output_size(w, model.kernel_sizes[i], model.strides[i], model.paddings[i])
-    if model.pools[i] != 'none':
-      h = pool_output_size(h, model.pool_sizes[i], model.pool_strides[i])
-      w = pool_output_size(w, model.pool_sizes[i], model.pool_strides[i])
+    h, w = (block_output_size(n, model.kernel_sizes[i], model.strides[i], model.paddings[i],
+                              model.pools[i], model.pool_sizes[i], model.pool_strides[i])
+            for n in (h, w))
     shapes.append((h, w, c))
   return shapes
 

@@ -380,6 +380,13 @@ def test_each_block_computes_only_the_outputs_the_next_block_reads(paddings, nor
   assert shown._outputs_read((28, 28)) == [None] * n
 
 
+@pytest.mark.parametrize('out_size', [(14, 13), (0, 5)])
+def test_a_block_asked_for_outputs_it_does_not_have_names_out_size(out_size):
+  block = models.ConvBlock(features=4, padding='VALID', out_size=out_size)  # 28 -> 26 -> 13
+  with pytest.raises(ValueError, match=r'out_size=\(%d, %d\) is not within its 13x13' % out_size):
+    block.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+
 @pytest.mark.parametrize('layout', models.LAYOUTS)
 @pytest.mark.parametrize('paddings,stride,pool,pool_size,pool_stride', [
     # keras_convnet: 26 -> 13, then 11 -> 5 (row 11 unread), so block 1 computes 12 rows
