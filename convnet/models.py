@@ -51,6 +51,12 @@ def pool_output_size(size: int, window: int, stride: int) -> int:
   return (size - window) // stride + 1
 
 
+def windows_extent(count: int, window: int, stride: int) -> int:
+  """How many leading rows (or columns) `count` windows of `window` at `stride` cover:
+  what that many conv or pool outputs read of their input."""
+  return (count - 1) * stride + window
+
+
 def pool_reads(size: int, pool: str, window: int, stride: int,
                outputs: Optional[int] = None) -> int:
   """How many leading rows (or columns) of `size` a 'VALID' pool reads to compute its
@@ -60,7 +66,7 @@ def pool_reads(size: int, pool: str, window: int, stride: int,
     return size if outputs is None else outputs
   if outputs is None:
     outputs = pool_output_size(size, window, stride)
-  return (outputs - 1) * stride + window
+  return windows_extent(outputs, window, stride)
 
 
 def block_output_size(size: int, kernel: int, stride: int, padding: str, pool: str,
@@ -71,7 +77,8 @@ def block_output_size(size: int, kernel: int, stride: int, padding: str, pool: s
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  total = max((conv_output_size(size, kernel, stride, 'SAME') - 1) * stride + kernel - size, 0)
+  total = max(windows_extent(conv_output_size(size, kernel, stride, 'SAME'), kernel, stride)
+              - size, 0)
   return total // 2, total - total // 2
 
 
@@ -186,7 +193,7 @@ def conv2d(x, kernel, stride: int = 1, padding: str = 'SAME', impl: str = 'im2co
   if padding == 'SAME':
     x = pad_same(x, kh, kw, stride)
   if out_size is not None:  # The input rows and columns those outputs read.
-    x = x[:, :(out_size[0] - 1) * stride + kh, :(out_size[1] - 1) * stride + kw, :]
+    x = x[:, :windows_extent(out_size[0], kh, stride), :windows_extent(out_size[1], kw, stride), :]
   return conv_valid_im2col(x, kernel, stride, layout)
 
 
@@ -500,8 +507,8 @@ class ConvNet(nn.Module):
 
   def _outputs_read(self, image_hw: Sequence[int]) -> list[Optional[tuple[int, int]]]:
     """For each block, the leading rows x cols of its output that the next block reads,
-    or None for all: a 'VALID' conv reads (outputs - 1) * stride + kernel rows of its
-    input, and may compute fewer outputs than its input allows (ConvBlock's
+    or None for all: a 'VALID' conv reads windows_extent(outputs, kernel, stride) rows of
+    its input, and may compute fewer outputs than its input allows (ConvBlock's
     _conv_outputs_read). The last block's output is flattened whole; a 'SAME' conv's
     padding depends on its whole input, a norm layer's statistics on every output."""
     if self.is_mutable_collection('intermediates'):  # Feature maps shown whole.
@@ -516,8 +523,9 @@ class ConvNet(nn.Module):
         continue
       conv = [conv_output_size(n, k, stride, 'VALID') for n in sizes[i]]
       pooled = read or (None, None)
-      read = tuple((pool_reads(n, self.pools[i], self.pool_sizes[i], self.pool_strides[i],
-                               want) - 1) * stride + k for n, want in zip(conv, pooled))
+      read = tuple(windows_extent(pool_reads(n, self.pools[i], self.pool_sizes[i],
+                                             self.pool_strides[i], want), k, stride)
+                   for n, want in zip(conv, pooled))
       if read == sizes[i]:
         read = None
     return out_sizes
