@@ -379,6 +379,18 @@ def test_each_block_computes_only_the_outputs_the_next_block_reads(paddings, nor
   shown = model.bind({}, mutable=['intermediates'])  # feature maps are shown whole
   assert shown._outputs_read((28, 28)) == [None] * n
 
+  # And each block's output is that size (the full feature map where want is None).
+  block_outputs = []
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if isinstance(context.module, models.ConvBlock) and context.method_name == '__call__':
+      block_outputs.append(y.shape[1:3])
+    return y
+  with nn.intercept_methods(record):
+    model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
+  full = [shape[:2] for shape in models.feature_shapes(model, (28, 28, 1))]
+  assert block_outputs == [w or f for w, f in zip(want, full)]
+
 
 @pytest.mark.parametrize('out_size', [(14, 13), (0, 5)])
 def test_a_block_asked_for_outputs_it_does_not_have_names_out_size(out_size):
