@@ -288,8 +288,11 @@ if __name__ == '__main__':
   MODE = flags.DEFINE_string('mode', 'train', 'What to measure: train | seeds | '
                              'time_to_accuracy.')
   TARGET = flags.DEFINE_float('target', 0.99, 'time_to_accuracy: the test accuracy to reach.')
-  STEPS = flags.DEFINE_integer('steps', 100, 'train: steps per timed repeat.')
-  REPEATS = flags.DEFINE_integer('repeats', 5, 'train: timed repeats.')
+  STEPS = flags.DEFINE_integer('steps', 100, 'train: steps per timed repeat.', lower_bound=1)
+  REPEATS = flags.DEFINE_integer(
+      'repeats', 15, 'train: timed rounds, one repeat of each trainer per round. This '
+      "machine has slow phases of a few seconds; with 5 rounds, three repeats caught in one "
+      'decided the median (README "Performance").', lower_bound=1)
   PEERS = flags.DEFINE_bool('peers', True, 'train: also time tf.keras and PyTorch if installed.')
   NUM_SEEDS = flags.DEFINE_integer('num_seeds', 2, 'seeds mode: how many seeds.')
   JSON = flags.DEFINE_string('json', '', 'Also write the result to this JSON file.')
