@@ -507,18 +507,20 @@ class ConvNet(nn.Module):
 
   def _outputs_read(self, image_hw: Sequence[int]) -> list[Optional[tuple[int, int]]]:
     """For each block, the leading rows x cols of its output that the next block reads,
-    or None for all: a 'VALID' conv reads windows_extent(outputs, kernel, stride) rows of
-    its input, and may compute fewer outputs than its input allows (ConvBlock's
-    _conv_outputs_read). The last block's output is flattened whole; a 'SAME' conv's
+    or None for all, which is also what the block computes: a 'VALID' conv reads
+    windows_extent(outputs, kernel, stride) rows of its input, and may compute fewer
+    outputs than its input allows (ConvBlock's _conv_outputs_read). The last block's output is flattened whole; a 'SAME' conv's
     padding depends on its whole input, a norm layer's statistics on every output."""
     if self.is_mutable_collection('intermediates'):  # Feature maps shown whole.
       return [None] * len(self.filters)
     sizes = [tuple(image_hw)] + [s[:2] for s in feature_shapes(self, (*image_hw, 1))]
     out_sizes, read = [], None  # read: the outputs of block i that block i + 1 reads.
     for i in reversed(range(len(self.filters))):
-      out_sizes.insert(0, read)
+      # A norm layer's statistics see every output: that block computes them all.
+      cut = self.norms[i] == 'none'
+      out_sizes.insert(0, read if cut else None)
       k, stride = self.kernel_sizes[i], self.strides[i]
-      if self.paddings[i] != 'VALID' or self.norms[i] != 'none':
+      if not cut or self.paddings[i] != 'VALID':
         read = None
         continue
       conv = [conv_output_size(n, k, stride, 'VALID') for n in sizes[i]]

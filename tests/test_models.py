@@ -366,6 +366,7 @@ def reference_convnet(params, x, args):
     (('SAME', 'VALID'), ('none', 'none'), (3, 2), [(8, 8), None]),
     (('VALID', 'SAME'), ('none', 'none'), (2, 2), [None, None]),  # padding needs every row
     (('VALID', 'VALID'), ('none', 'batch'), (2, 2), [None, None]),  # statistics: every row
+    (('VALID', 'VALID'), ('batch', 'none'), (2, 2), [None, None]),  # and of its own outputs
     # Three blocks: block 3 (5 -> 3 -> 1) reads 4 of block 2's 5 rows; block 2 pools 8
     # of its conv rows for those and so reads 10 of block 1's 13.
     (('VALID',) * 3, ('none',) * 3, (2, 2, 2), [(10, 10), (4, 4), None])])
