@@ -509,8 +509,9 @@ class ConvNet(nn.Module):
     """For each block, the leading rows x cols of its output that the next block reads,
     or None for all, which is also what the block computes: a 'VALID' conv reads
     windows_extent(outputs, kernel, stride) rows of its input, and may compute fewer
-    outputs than its input allows (ConvBlock's _conv_outputs_read). The last block's output is flattened whole; a 'SAME' conv's
-    padding depends on its whole input, a norm layer's statistics on every output."""
+    outputs than its input allows (ConvBlock's _conv_outputs_read). The last block's
+    output is flattened whole; a 'SAME' conv's padding depends on its whole input, a
+    norm layer's statistics on every output."""
     if self.is_mutable_collection('intermediates'):  # Feature maps shown whole.
       return [None] * len(self.filters)
     sizes = [tuple(image_hw)] + [s[:2] for s in feature_shapes(self, (*image_hw, 1))]
