@@ -6,7 +6,7 @@
 configs/best.py's model (three BatchNorm blocks of 16, 32, 64 3x3 filters, dense
 256) with its whole schedule squeezed into 3 epochs: a 0.2-epoch warmup, then
 cosine decay to 0. Expected: >= 99.0% test accuracy after epoch 2, ~99.3% after
-epoch 3, in under a minute (see README "Performance" for the measured figures).
+epoch 3, in under a minute (measured figures: docs/performance.md).
 """
 
 from configs import best

@@ -3,6 +3,7 @@
     python -m convnet.benchmark --config configs/keras_convnet.py [--cpu_devices=2] [--json=F]
     python -m convnet.benchmark --mode=seeds --config configs/default.py --num_seeds=2 \
         [--config.num_epochs=1]
+    python -m convnet.benchmark --mode=table [--table_from=docs/benchmarks]
 
 `train` (the default): the real trainer's compiled chunk of steps on device-resident
 MNIST, timed over repeats: compile time, training images/s (min/median/max),
@@ -17,6 +18,9 @@ machine; convnet/peer is the median of the rounds' ratios.
 `time_to_accuracy`: trains the config once and reports the wall time from the start
 (compile included) to the first epoch whose test accuracy reaches --target.
 
+`table`: prints the markdown table of the benchmark JSON files in --table_from (the
+current table of docs/performance.md is this command's output).
+
 `seeds`: trains num_seeds seeds of one config as one compiled program (vmapped,
 config.num_seeds) and then one after another (num_seeds runs with config.num_seeds=1),
 and prints the wall, training and compile times of both and the speed-up.
@@ -26,9 +30,12 @@ import time
 
 PROCESS_START = time.time()  # For time_to_accuracy: the clock starts before the imports.
 
-import os  # pylint: disable=wrong-import-position
+import datetime  # pylint: disable=wrong-import-position
+import glob
+import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 
@@ -38,6 +45,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from convnet import config_lib, parallel, peers, train, workdir
+from convnet.cpu import memory
 
 
 def matmul_gflops(devices, n: int = 1024, repeats: int = 20) -> float:
@@ -59,11 +67,9 @@ def training_timer(config, data, steps: int) -> dict:
   says: its compile time, evaluation images/s, XLA's FLOPs per training image, and
   `repeat`, which runs the chunk once more and returns its training images/s."""
   devices, _ = parallel.participating_devices(config.num_devices)
-  model = train.build_model(config.model)
-  steps_per_epoch = len(data.train.labels) // config.batch_size
-  init_keys, data_keys, dropout_keys = train.seed_keys(config.seed, config.num_seeds)
-  state = train.create_train_states(init_keys, config, model, data.train.images.shape[1:],
-                                    train.create_learning_rate_fn(config, steps_per_epoch))
+  steps_per_epoch = train.check_data(config, data)
+  _, _, state, data_keys, dropout_keys = train.init_run(config, data.train.images.shape[1:],
+                                                        steps_per_epoch)
   flops = train.training_flops_per_image(
       config.model, jax.tree_util.tree_map(lambda x: x[0], state), data.train.images.shape[1:])
   state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
@@ -101,7 +107,7 @@ def training_timer(config, data, steps: int) -> dict:
 
 def interleave(runs: dict, repeats: int) -> dict:
   """{name: min/median/max/all images/s}, running each of `runs` once per round, so all
-  of them share the machine's slow and fast phases (this 2-core VM drifts by +-25%
+  of them share the machine's slow and fast phases (a shared VM drifts
   within minutes, which made the ratios of one-after-another timings wander)."""
   rates = {name: [] for name in runs}
   for _ in range(repeats):
@@ -126,7 +132,7 @@ def ratio_per_round(ours: dict, theirs: dict) -> float:
 def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
   """The `train` mode: config.parallel's timings, the other parallel form's training
   images/s, the peers', the matmul peak and the machine."""
-  config_lib.validate(config, jax.local_device_count())
+  train.validate(config)
   data = train.load_data(config)
   result = training_timer(config, data, steps)
   other = config.copy_and_resolve_references()
@@ -150,13 +156,26 @@ def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
       if name in rates else {'skipped': skipped[name]} for name in peers.NAMES}
   if with_peers and 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
     result['peers_note'] = ('XLA_FLAGS forces several CPU devices in this process and '
-                            'TensorFlow reads it too (its fit ran ~30% slower so here); '
+                            'TensorFlow reads it too (its fit runs slower so); '
                             'compare with peers timed in a 1-device run')
   result['peak_rss_mb'] = peak_rss_mb()
-  result['machine'] = {'cpu': platform.processor() or platform.machine(),
+  result['machine'] = {'cpu': cpu_model() or platform.processor() or platform.machine(),
                        'cores': os.cpu_count(), 'jax': jax.__version__,
                        'device_kind': jax.devices()[0].device_kind, 'python': platform.python_version()}
   return result
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo ('' where there is none): speeds here are
+  only comparable on the same model."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as cpuinfo:
+      for line in cpuinfo:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
 
 
 def peak_rss_mb() -> float:
@@ -198,6 +217,43 @@ def print_benchmark(name: str, result: dict) -> None:
             f'{rates["median"] / info["median"]:.2f} from the medians)')
   if 'peers_note' in result:
     print(f'  note: {result["peers_note"]}')
+
+
+def provenance(config_file: str, config) -> dict:
+  """What a benchmark JSON needs to stand on its own in a table: which config, kernels,
+  commit and time."""
+  try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                            text=True, check=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    commit = ''
+  return {'config': config_file, 'ops': train.build_model(config.model).ops.backend,
+          'commit': commit,
+          'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M')}
+
+
+TABLE_HEADER = ('| config | run (UTC) | CPU | commit | kernels | devices | convnet train '
+                'images/s, median (min-max) | tf.keras | PyTorch | convnet / tf.keras | '
+                'convnet / PyTorch | % of matmul peak | eval images/s |\n' + '|---' * 13 + '|')
+
+
+def markdown_table(paths: list[str]) -> str:
+  """The table of benchmark JSON files (`--json`), one row each, in the order given."""
+  rows = [TABLE_HEADER]
+  for path in paths:
+    r = workdir.read_json(path)
+    rates, peers_ = r['train_images_per_s'], r['peers']
+    peer = lambda name, key: (f'{peers_[name][key]:,.{2 if key == "convnet_ratio" else 0}f}'
+                              if key in peers_.get(name, {}) else '')
+    rows.append(
+        f'| `{r["config"]}` | {r["date_utc"]} | {r["machine"]["cpu"]} | {r["commit"]} | '
+        f'{r["ops"]} | '
+        f'{r["num_devices"]} | **{rates["median"]:,.0f}** ({rates["min"]:,.0f}-'
+        f'{rates["max"]:,.0f}) | {peer("tf.keras", "median")} | {peer("pytorch", "median")} | '
+        f'{peer("tf.keras", "convnet_ratio")} | {peer("pytorch", "convnet_ratio")} | '
+        f'{r["percent_of_matmul_peak"]:.0f}% of {r["matmul_peak_gflops"]:.0f} GFLOP/s | '
+        f'{r["eval_images_per_s"]:,.0f} |')
+  return '\n'.join(rows)
 
 
 def timed_run(config, run_dir: str) -> dict:
@@ -260,9 +316,15 @@ def main(argv):
   if CPU_DEVICES.value:  # Before any jax call, as in convnet.main.
     parallel.force_cpu_devices(CPU_DEVICES.value)
   # As train.train_and_evaluate does; for the whole process, peers included.
-  kept_freed_memory = KEEP_FREED_MEMORY.value and parallel.keep_freed_memory()
-  if MODE.value not in ('train', 'seeds', 'time_to_accuracy'):
-    sys.exit(f'error: unknown --mode={MODE.value}; known: train, seeds, time_to_accuracy')
+  kept_freed_memory = KEEP_FREED_MEMORY.value and memory.keep_freed_memory()
+  if MODE.value not in ('train', 'seeds', 'time_to_accuracy', 'table'):
+    sys.exit(f'error: unknown --mode={MODE.value}; known: train, seeds, time_to_accuracy, table')
+  if MODE.value == 'table':
+    paths = sorted(glob.glob(os.path.join(TABLE_FROM.value, '*.json')))
+    if not paths:
+      sys.exit(f'error: no benchmark JSON files in {TABLE_FROM.value} (--table_from)')
+    print(markdown_table(paths))
+    return
   try:
     if MODE.value == 'time_to_accuracy':
       result = time_to_accuracy(CONFIG.value, TARGET.value)
@@ -275,6 +337,7 @@ def main(argv):
     else:
       result = run_benchmark(CONFIG.value, STEPS.value, REPEATS.value, PEERS.value)
       result['keep_freed_memory'] = kept_freed_memory
+      result.update(provenance(flags.FLAGS['config'].config_filename, CONFIG.value))
       print_benchmark(flags.FLAGS['config'].config_filename, result)
   except train.USER_ERRORS as e:
     sys.exit(f'error: {e}')
@@ -291,16 +354,18 @@ if __name__ == '__main__':
   STEPS = flags.DEFINE_integer('steps', 100, 'train: steps per timed repeat.', lower_bound=1)
   REPEATS = flags.DEFINE_integer(
       'repeats', 15, 'train: timed rounds, one repeat of each trainer per round. This '
-      "machine has slow phases of a few seconds; with 5 rounds, three repeats caught in one "
-      'decided the median (README "Performance").', lower_bound=1)
+      "machine has slow phases of a few seconds; with few rounds, repeats caught in one "
+      'decide the median (docs/performance.md).', lower_bound=1)
   PEERS = flags.DEFINE_bool('peers', True, 'train: also time tf.keras and PyTorch if installed.')
   NUM_SEEDS = flags.DEFINE_integer('num_seeds', 2, 'seeds mode: how many seeds.')
   JSON = flags.DEFINE_string('json', '', 'Also write the result to this JSON file.')
+  TABLE_FROM = flags.DEFINE_string('table_from', 'docs/benchmarks', 'table: the directory of '
+                                   'benchmark JSON files to print as a markdown table.')
   KEEP_FREED_MEMORY = flags.DEFINE_bool(
       'keep_freed_memory', True, 'train: let malloc keep freed blocks for reuse, as the '
-      'trainer does (parallel.keep_freed_memory); the peers share the process, so they get it '
+      'trainer does on a CPU (cpu/memory.py); the peers share the process, so they get it '
       "too. false = glibc's defaults, under which PyTorch page-faults its activations in "
-      'afresh every step (README "Performance").')
+      'afresh every step (docs/performance.md).')
   CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Split the CPU into this many XLA '
                                      'devices, as convnet.main --cpu_devices does.',
                                      lower_bound=0)

@@ -2,49 +2,96 @@
 
 A config is an `ml_collections.ConfigDict` from `configs/*.py`. `validate` rejects
 unknown or missing keys, wrong types and impossible values with the key named;
-`block_args` turns the per-block tuples into the ConvNet's arguments;
-`check_shapes` rejects models whose feature maps would vanish for the data.
+`model_args` turns the model part into models.ConvNet's arguments; `check_shapes`
+rejects models whose feature maps would vanish for the data. Choices come from the
+registries (ops.BACKENDS, models.ACTIVATIONS and NORMS, shapes.POOLS, optim.OPTIMIZERS
+and SCHEDULES) when validating, so an entry added there is a valid choice here.
 """
 
+import dataclasses
 import math
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 from absl import flags
 
-from convnet import models
+from convnet import models, ops, optim, shapes
 
-# Per-block settings are tuples with one entry per block, or one entry for all blocks.
-PER_BLOCK = {
-    'filters': int, 'kernel_size': int, 'stride': int, 'padding': str, 'norm': str,
-    'pool': str, 'pool_size': int, 'pool_stride': int,
+MAX_SEED = 2**31 - 1
+
+
+class Rule(NamedTuple):
+  """A condition on a value, and how an error message says it."""
+  says: str
+  holds: Callable[[Any], bool]
+
+
+POSITIVE = Rule('> 0', lambda v: v > 0)
+NON_NEGATIVE = Rule('>= 0', lambda v: v >= 0)
+FRACTION = Rule('in [0, 1)', lambda v: 0 <= v < 1)
+SEED = Rule(f'in [0, {MAX_SEED})', lambda v: 0 <= v < MAX_SEED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key: its type and the values it may take.
+
+  For a tuple, `item` is the type of its values, and choices and rule apply to each.
+  `choices` may be a registry (a dict): its keys at validation time are the choices.
+  """
+  kind: type
+  item: Optional[type] = None
+  choices: Union[Sequence[str], Mapping[str, Any], None] = None
+  rule: Optional[Rule] = None
+
+
+# Per-block settings, one entry per models.ConvBlock field of the same name. In a config
+# each is a tuple with one value for every block, or one value per block.
+BLOCK_SCHEMA = {
+    'filters': Key(int, rule=POSITIVE),
+    'kernel_size': Key(int, rule=POSITIVE),
+    'stride': Key(int, rule=POSITIVE),
+    'padding': Key(str, choices=shapes.PADDINGS),
+    'norm': Key(str, choices=models.NORMS),
+    'pool': Key(str, choices=shapes.POOLS),
+    'pool_size': Key(int, rule=POSITIVE),
+    'pool_stride': Key(int, rule=POSITIVE),
 }
+
 SCHEMA = {
-    'seed': int, 'batch_size': int, 'eval_batch_size': int, 'num_epochs': int,
-    'learning_rate': float, 'optimizer': str, 'momentum': float, 'weight_decay': float,
-    'schedule': str, 'warmup_epochs': float, 'log_every_steps': int, 'num_devices': int,
-    'num_seeds': int, 'checkpoint_every_steps': int, 'keep_checkpoints': int, 'progress': bool,
-    'parallel': str, 'micro_batch_size': int,
-    'data.source': str, 'data.dir': str, 'data.name': str, 'data.download': bool,
-    'data.num_train': int,
-    'model.num_blocks': int, 'model.activation': str, 'model.hidden': tuple,
-    'model.dropout': float, 'model.num_classes': int, 'model.conv_impl': str,
-    'model.layout': str,
-    **{f'model.{key}': tuple for key in PER_BLOCK},
+    'seed': Key(int, rule=SEED),
+    'batch_size': Key(int, rule=POSITIVE),
+    'eval_batch_size': Key(int, rule=POSITIVE),
+    'num_epochs': Key(int, rule=POSITIVE),
+    'learning_rate': Key(float, rule=POSITIVE),
+    'optimizer': Key(str, choices=optim.OPTIMIZERS),
+    'momentum': Key(float, rule=NON_NEGATIVE),
+    'weight_decay': Key(float, rule=NON_NEGATIVE),
+    'schedule': Key(str, choices=optim.SCHEDULES),
+    'warmup_epochs': Key(float, rule=NON_NEGATIVE),
+    'log_every_steps': Key(int, rule=NON_NEGATIVE),
+    'num_devices': Key(int, rule=NON_NEGATIVE),
+    'parallel': Key(str, choices=('pmap', 'jit')),
+    'micro_batch_size': Key(int, rule=NON_NEGATIVE),
+    'num_seeds': Key(int, rule=POSITIVE),
+    'checkpoint_every_steps': Key(int, rule=NON_NEGATIVE),
+    'keep_checkpoints': Key(int, rule=POSITIVE),
+    'progress': Key(bool),
+    'data.source': Key(str, choices=('idx', 'tfds')),
+    'data.dir': Key(str),
+    'data.name': Key(str),
+    'data.download': Key(bool),
+    'data.num_train': Key(int, rule=NON_NEGATIVE),
+    'model.num_blocks': Key(int, rule=POSITIVE),
+    'model.activation': Key(str, choices=models.ACTIVATIONS),
+    'model.hidden': Key(tuple, item=int, rule=POSITIVE),
+    'model.dropout': Key(float, rule=FRACTION),
+    'model.num_classes': Key(int, rule=POSITIVE),
+    'model.ops': Key(str, choices=ops.BACKENDS),
+    'model.layout': Key(str, choices=ops.LAYOUTS),
+    **{f'model.{name}': dataclasses.replace(key, kind=tuple, item=key.kind)
+       for name, key in BLOCK_SCHEMA.items()},
 }
-CHOICES = {
-    'optimizer': ('adam', 'adamw', 'sgd'), 'schedule': ('constant', 'cosine'),
-    'parallel': ('pmap', 'jit'),
-    'data.source': ('idx', 'tfds'), 'model.activation': models.ACTIVATIONS,
-    'model.conv_impl': models.CONV_IMPLS, 'model.layout': models.LAYOUTS,
-    'model.padding': models.PADDINGS, 'model.norm': models.NORMS, 'model.pool': models.POOLS,
-}
-POSITIVE = ('batch_size', 'eval_batch_size', 'num_epochs', 'learning_rate', 'num_seeds',
-            'keep_checkpoints', 'model.num_blocks',
-            'model.num_classes', 'model.filters', 'model.kernel_size', 'model.stride',
-            'model.pool_size', 'model.pool_stride', 'model.hidden')
-NON_NEGATIVE = ('data.num_train', 'momentum', 'weight_decay', 'warmup_epochs', 'log_every_steps',
-                'num_devices', 'checkpoint_every_steps', 'micro_batch_size')
 
 
 class ConfigError(ValueError):
@@ -70,6 +117,22 @@ def _type_ok(value, kind) -> bool:
   return isinstance(value, kind)
 
 
+def check_key(name: str, key: Key, value) -> None:
+  """Raises ConfigError naming `name` if value is not of the key's type and range."""
+  if not _type_ok(value, key.kind):
+    raise ConfigError(f'{name} must be {key.kind.__name__}, got {value!r}')
+  items = value if key.kind is tuple else (value,)
+  kind = key.item or key.kind
+  if not all(_type_ok(v, kind) for v in items):
+    raise ConfigError(f'{name} must hold {kind.__name__} values, got {value!r}')
+  if kind is float and not all(math.isfinite(v) for v in items):
+    raise ConfigError(f'{name} must be finite, got {value!r}')
+  if key.choices is not None and any(v not in key.choices for v in items):
+    raise ConfigError(f'{name} must be one of {tuple(key.choices)}, got {value!r}')
+  if key.rule is not None and not all(key.rule.holds(v) for v in items):
+    raise ConfigError(f'{name} must be {key.rule.says}, got {value!r}')
+
+
 def validate(config, available_devices: int) -> None:
   """Raises ConfigError naming the first key whose value cannot work."""
   flat = flatten(config)
@@ -79,25 +142,11 @@ def validate(config, available_devices: int) -> None:
   missing = sorted(set(SCHEMA) - set(flat))
   if missing:
     raise ConfigError(f'missing config key(s): {", ".join(missing)}')
-  for key, kind in SCHEMA.items():
-    value = flat[key]
-    if not _type_ok(value, kind):
-      raise ConfigError(f'{key} must be {kind.__name__}, got {value!r}')
-    item_kind = PER_BLOCK.get(key.removeprefix('model.'), int if key == 'model.hidden' else None)
-    items = value if kind is tuple else (value,)
-    if item_kind and not all(_type_ok(v, item_kind) for v in items):
-      raise ConfigError(f'{key} must hold {item_kind.__name__} values, got {value!r}')
-    if key in CHOICES and any(v not in CHOICES[key] for v in items):
-      raise ConfigError(f'{key} must be one of {CHOICES[key]}, got {value!r}')
-    if key in POSITIVE and any(v <= 0 for v in items):
-      raise ConfigError(f'{key} must be > 0, got {value!r}')
-    if key in NON_NEGATIVE and any(v < 0 for v in items):
-      raise ConfigError(f'{key} must be >= 0, got {value!r}')
-  if not 0 <= flat['model.dropout'] < 1:
-    raise ConfigError(f'model.dropout must be in [0, 1), got {flat["model.dropout"]!r}')
-  if not math.isfinite(flat['learning_rate']):
-    raise ConfigError(f'learning_rate must be finite, got {flat["learning_rate"]!r}')
-  block_args(config.model)  # Checks the per-block tuple lengths.
+  for name, key in SCHEMA.items():
+    check_key(name, key, flat[name])
+  if flat['seed'] + flat['num_seeds'] > MAX_SEED:
+    raise ConfigError(f'seed={flat["seed"]} + num_seeds={flat["num_seeds"]} exceeds {MAX_SEED}')
+  block_settings(config.model)  # Checks the per-block tuple lengths.
   if flat['num_devices'] > available_devices:
     raise ConfigError(f'num_devices={flat["num_devices"]} but only {available_devices} local '
                       f'devices exist')
@@ -117,46 +166,44 @@ def validate(config, available_devices: int) -> None:
                       f'normalise over slices of {micro}, not the batch; use 0')
 
 
-def block_args(model_config) -> dict[str, list]:
-  """Per-block tuples -> one list per ConvNet argument, each of length num_blocks."""
+def block_settings(model_config) -> tuple[dict[str, Any], ...]:
+  """Per-block tuples -> one dict of ConvBlock settings per block (model.num_blocks)."""
   n = model_config.num_blocks
-  resolved = {}
-  for key in PER_BLOCK:
-    values = tuple(model_config[key])
+  columns = {}
+  for name in BLOCK_SCHEMA:
+    values = tuple(model_config[name])
     if len(values) not in (1, n):
-      raise ConfigError(f'model.{key} has {len(values)} entries {values} but model.num_blocks '
-                        f'is {n}: give one value for all blocks or one per block')
-    resolved[key] = list(values) * n if len(values) == 1 else list(values)
-  return resolved
+      raise ConfigError(f'model.{name} has {len(values)} entries {values} but '
+                        f'model.num_blocks is {n}: give one value for all blocks or one per '
+                        f'block')
+    columns[name] = values * n if len(values) == 1 else values
+  return tuple({name: columns[name][i] for name in BLOCK_SCHEMA} for i in range(n))
 
 
 def model_args(model_config) -> dict[str, Any]:
   """Keyword arguments of models.ConvNet from the `model` part of a config."""
-  blocks = block_args(model_config)
-  return dict(
-      filters=blocks['filters'], kernel_sizes=blocks['kernel_size'], strides=blocks['stride'],
-      paddings=blocks['padding'], norms=blocks['norm'], pools=blocks['pool'],
-      pool_sizes=blocks['pool_size'], pool_strides=blocks['pool_stride'],
-      activation=model_config.activation, hidden=tuple(model_config.hidden),
-      dropout=model_config.dropout, num_classes=model_config.num_classes,
-      conv_impl=model_config.conv_impl, layout=model_config.layout)
+  return dict(blocks=block_settings(model_config), activation=model_config.activation,
+              hidden=tuple(model_config.hidden), dropout=model_config.dropout,
+              num_classes=model_config.num_classes,
+              ops=ops.make(model_config.ops, model_config.layout))
 
 
-def check_shapes(model: models.ConvNet, image_shape: Sequence[int]) -> None:
+def check_shapes(blocks: Sequence[Mapping[str, Any]], image_shape: Sequence[int]) -> None:
   """Raises ConfigError if a kernel or pooling window does not fit its block's input."""
   h, w, _ = image_shape
-  for i, (out_h, out_w, _) in enumerate(models.feature_shapes(model, image_shape)):
-    k = model.kernel_sizes[i]
+  for i, block in enumerate(blocks):
+    k = block['kernel_size']
     if k > min(h, w):
       raise ConfigError(f'model.kernel_size: block {i} has a {k}x{k} kernel but its input is '
                         f'only {h}x{w}')
-    conv_h = models.conv_output_size(h, k, model.strides[i], model.paddings[i])
-    conv_w = models.conv_output_size(w, k, model.strides[i], model.paddings[i])
-    if model.pools[i] != 'none' and model.pool_sizes[i] > min(conv_h, conv_w):
-      raise ConfigError(f'model.pool_size: block {i} pools {model.pool_sizes[i]}x'
-                        f'{model.pool_sizes[i]} windows over a {conv_h}x{conv_w} feature map, '
-                        f'leaving less than 1x1')
-    h, w = out_h, out_w
+    h, w = (shapes.conv_output_size(n, k, block['stride'], block['padding']) for n in (h, w))
+    pooled = [shapes.POOLS[block['pool']].output_size(n, block['pool_size'],
+                                                      block['pool_stride']) for n in (h, w)]
+    if min(pooled) < 1:
+      raise ConfigError(f'model.pool_size: block {i} pools {block["pool_size"]}x'
+                        f'{block["pool_size"]} windows over a {h}x{w} feature map, leaving '
+                        f'less than 1x1')
+    h, w = pooled
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -90,20 +90,20 @@ def load_tfds_split(name: str, split: str, data_dir: str | None, download: bool)
   return Split(images, labels)
 
 
-def load_dataset(source: str, directory: str, name: str, num_classes: int,
-                 download: bool = False) -> Dataset:
-  """Loads train and test splits from 'idx' files or 'tfds', and checks the labels."""
+def load_splits(source: str, directory: str, name: str, num_classes: int,
+                download: bool = False, splits=('train', 'test')) -> dict[str, Split]:
+  """{split: Split} from 'idx' files or 'tfds', with every label checked."""
   if source == 'idx':
     if not os.path.isdir(directory):
       raise DataError(f'{directory}: data directory not found (config key data.dir)')
-    splits = {s: load_idx_split(directory, s) for s in IDX_FILES}
-    where = {s: os.path.join(directory, IDX_FILES[s][1]) for s in IDX_FILES}
+    loaded = {s: load_idx_split(directory, s) for s in splits}
+    where = {s: os.path.join(directory, IDX_FILES[s][1]) for s in splits}
   elif source == 'tfds':
-    splits = {s: load_tfds_split(name, s, directory, download) for s in IDX_FILES}
-    where = {s: f'tfds {name}/{s}' for s in IDX_FILES}
+    loaded = {s: load_tfds_split(name, s, directory, download) for s in splits}
+    where = {s: f'tfds {name}/{s}' for s in splits}
   else:
     raise DataError(f"data.source must be 'idx' or 'tfds', got {source!r}")
-  for split_name, split in splits.items():
+  for split_name, split in loaded.items():
     if len(split.labels) == 0:
       raise DataError(f'{where[split_name]}: split is empty')
     bad = (split.labels < 0) | (split.labels >= num_classes)
@@ -111,6 +111,13 @@ def load_dataset(source: str, directory: str, name: str, num_classes: int,
       i = int(np.argmax(bad))
       raise DataError(f'{where[split_name]}: label {split.labels[i]} at index {i} is outside '
                       f'[0, {num_classes}) (config key model.num_classes)')
+  return loaded
+
+
+def load_dataset(source: str, directory: str, name: str, num_classes: int,
+                 download: bool = False) -> Dataset:
+  """Loads train and test splits from 'idx' files or 'tfds', and checks the labels."""
+  splits = load_splits(source, directory, name, num_classes, download)
   if splits['train'].images.shape[1:] != splits['test'].images.shape[1:]:
     raise DataError(f'train images are {splits["train"].images.shape[1:]} but test images '
                     f'are {splits["test"].images.shape[1:]}')

@@ -28,9 +28,9 @@ NUM_PROCESSES = flags.DEFINE_integer('num_processes', int(os.environ.get('JAX_NU
 PROCESS_ID = flags.DEFINE_integer('process_id', int(os.environ.get('JAX_PROCESS_ID', 0)),
                                   'Multi-process runs: this one, 0-based (default $JAX_PROCESS_ID).')
 CPU_DEVICES = flags.DEFINE_integer(
-    'cpu_devices', 0, 'Split the CPU into this many XLA devices (pmap over them); on a '
-    '2-core CPU, 2 is within noise of 1 on configs/keras_convnet.py and slower on the '
-    'lesson model (README "Performance"). 0 = leave XLA_FLAGS as it is.', lower_bound=0)
+    'cpu_devices', 0, 'Split the CPU into this many XLA devices (pmap over them), e.g. to '
+    'try data parallelism on a laptop; docs/performance.md has what it does to speed. '
+    '0 = leave XLA_FLAGS as it is.', lower_bound=0)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

@@ -60,6 +60,15 @@ class MetricWriter:
                            accuracy=f'{record["train_accuracy"]:.4f}',
                            images_per_s=f'{record["images_per_s"]:,.0f}')
 
+  def note(self, text: str) -> None:
+    """A line for the person watching (above the bar on a terminal)."""
+    if not self.enabled:
+      return
+    if self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, flush=True)
+
   def end_epoch(self) -> None:
     if self.bar is not None:
       self.bar.close()

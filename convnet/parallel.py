@@ -5,10 +5,8 @@ an axis name. This module decides how that is spread out: `parallelize` is the o
 place that calls `jax.pmap` (or, with config.parallel='jit', jax.jit + shard_map
 over a NamedSharding mesh); over several processes (jax.distributed) the pmapped
 axis spans every process's devices and each process feeds only its own devices.
-`keep_freed_memory` tunes the process's malloc for XLA's CPU kernels.
 """
 
-import ctypes
 import os
 from typing import Callable
 
@@ -32,22 +30,6 @@ def force_cpu_devices(count: int) -> None:
   os.environ['XLA_FLAGS'] = ' '.join(
       f for f in os.environ.get('XLA_FLAGS', '').split()
       if not f.startswith('--xla_force_host_platform_device_count')) + ' ' + flag
-
-
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-  """Makes glibc's malloc keep freed blocks of up to `limit` bytes for reuse.
-
-  XLA's CPU kernels allocate scratch space on every call. With glibc's defaults,
-  large blocks go back to the OS when freed and every call faults them in afresh:
-  keras_convnet's evaluation took 430,000 page faults per pass over the test set and
-  ran at half speed (README "Performance"). Returns False where there is no glibc.
-  """
-  try:
-    mallopt = ctypes.CDLL('libc.so.6').mallopt
-  except (OSError, AttributeError):
-    return False
-  m_trim_threshold, m_mmap_threshold = -1, -3
-  return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
 
 
 def is_writer() -> bool:

@@ -12,13 +12,15 @@ import time
 
 import numpy as np
 
-from convnet import config_lib
+from convnet import config_lib, shapes
 
 
 def _unsupported(config) -> str:
-  blocks = config_lib.block_args(config.model)
-  if any(norm != 'none' for norm in blocks['norm']):
+  blocks = config_lib.block_settings(config.model)
+  if any(block['norm'] != 'none' for block in blocks):
     return 'normalisation layers are not built for peers'
+  if any(block['pool'] not in ('max', 'avg', 'none') for block in blocks):
+    return 'peers build max, average or no pooling only'
   if config.model.activation != 'relu' or config.optimizer != 'adam':
     return 'peers are built with ReLU and Adam only'
   return ''
@@ -31,15 +33,14 @@ def _inputs(data, num_images: int):
 
 def keras_model(config):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  blocks = config_lib.block_args(config.model)
   layers = [tf.keras.Input((28, 28, 1))]
-  for i, filters in enumerate(blocks['filters']):
-    layers.append(tf.keras.layers.Conv2D(filters, blocks['kernel_size'][i], blocks['stride'][i],
-                                         blocks['padding'][i].lower(), activation='relu'))
-    if blocks['pool'][i] != 'none':
-      pool = (tf.keras.layers.MaxPooling2D if blocks['pool'][i] == 'max'
+  for block in config_lib.block_settings(config.model):
+    layers.append(tf.keras.layers.Conv2D(block['filters'], block['kernel_size'], block['stride'],
+                                         block['padding'].lower(), activation='relu'))
+    if block['pool'] != 'none':
+      pool = (tf.keras.layers.MaxPooling2D if block['pool'] == 'max'
               else tf.keras.layers.AveragePooling2D)
-      layers.append(pool(blocks['pool_size'][i], blocks['pool_stride'][i]))
+      layers.append(pool(block['pool_size'], block['pool_stride']))
   layers.append(tf.keras.layers.Flatten())
   for width in config.model.hidden:
     layers += [tf.keras.layers.Dropout(config.model.dropout),
@@ -67,20 +68,19 @@ def keras_trainer(config, data, steps: int):
 
 def torch_model(config):
   import torch  # pylint: disable=import-outside-toplevel
-  blocks = config_lib.block_args(config.model)
-  layers, channels, size = [], 1, 28
-  for i, filters in enumerate(blocks['filters']):
-    k, stride, padding = blocks['kernel_size'][i], blocks['stride'][i], blocks['padding'][i]
+  blocks = config_lib.block_settings(config.model)
+  layers, channels = [], 1
+  for block in blocks:
+    k, stride, padding = block['kernel_size'], block['stride'], block['padding']
     if padding == 'SAME' and stride != 1:
       raise ValueError('SAME padding with stride > 1')
-    layers += [torch.nn.Conv2d(channels, filters, k, stride,
+    layers += [torch.nn.Conv2d(channels, block['filters'], k, stride,
                                padding='same' if padding == 'SAME' else 0), torch.nn.ReLU()]
-    size = size if padding == 'SAME' else (size - k) // stride + 1
-    if blocks['pool'][i] != 'none':
-      pool = torch.nn.MaxPool2d if blocks['pool'][i] == 'max' else torch.nn.AvgPool2d
-      layers.append(pool(blocks['pool_size'][i], blocks['pool_stride'][i]))
-      size = (size - blocks['pool_size'][i]) // blocks['pool_stride'][i] + 1
-    channels = filters
+    if block['pool'] != 'none':
+      pool = torch.nn.MaxPool2d if block['pool'] == 'max' else torch.nn.AvgPool2d
+      layers.append(pool(block['pool_size'], block['pool_stride']))
+    channels = block['filters']
+  size, _, channels = shapes.feature_shapes(blocks, (28, 28, 1))[-1]
   layers.append(torch.nn.Flatten())
   width = channels * size * size
   for hidden in config.model.hidden:

@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,10 @@ from flax import serialization
 from flax.training import train_state
 from jax import lax
 
-from convnet import checkpoint, config_lib, input_pipeline, metric_writer, models, parallel
+from convnet import (checkpoint, config_lib, input_pipeline, metric_writer, models, optim,
+                     parallel, shapes)
 from convnet import workdir as workdir_lib
+from convnet.cpu import memory
 
 AXIS = parallel.AXIS
 
@@ -36,33 +38,11 @@ def build_model(model_config, axis_name: str | None = AXIS) -> models.ConvNet:
   return models.ConvNet(**config_lib.model_args(model_config), axis_name=axis_name)
 
 
-def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
-  """Constant, or cosine decay to 0 over the run; both after a linear warmup if set."""
-  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-  total_steps = config.num_epochs * steps_per_epoch
-  if config.schedule == 'constant':
-    main = optax.constant_schedule(config.learning_rate)
-  else:
-    main = optax.cosine_decay_schedule(config.learning_rate, max(total_steps - warmup_steps, 1))
-  if warmup_steps == 0:
-    return main
-  warmup = optax.linear_schedule(0.0, config.learning_rate, warmup_steps)
-  return optax.join_schedules([warmup, main], [warmup_steps])
-
-
-def create_optimizer(config, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  if config.optimizer == 'sgd':
-    return optax.sgd(learning_rate_fn, momentum=config.momentum or None)
-  if config.optimizer == 'adamw':
-    return optax.adamw(learning_rate_fn, weight_decay=config.weight_decay)
-  return optax.adam(learning_rate_fn)
-
-
 def create_train_state(key: jax.Array, config, model: models.ConvNet, image_shape,
                        learning_rate_fn: optax.Schedule) -> TrainState:
   variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           tx=create_optimizer(config, learning_rate_fn),
+                           tx=optim.create_optimizer(config, learning_rate_fn),
                            batch_stats=variables.get('batch_stats', {}))
 
 
@@ -80,8 +60,8 @@ def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
 
   micro_batch_size > 0 runs forward and backward on slices of that many images,
   one after another, and sums their gradients: the same gradient (of the batch's
-  mean loss) in pieces whose activations stay in the CPU cache, measured faster
-  for keras_convnet (README "Performance"). Each slice draws its own dropout masks.
+  mean loss) in pieces whose activations stay in the CPU cache (docs/performance.md).
+  Each slice draws its own dropout masks.
   BatchNorm would see slice statistics, so config validation refuses the two together.
   """
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), lax.axis_index(axis_name))
@@ -113,7 +93,7 @@ def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
 
     zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), 0.0, 0)
     # Two slices per loop trip: they are independent, so XLA runs one's memory-bound
-    # ops beside the other's matmuls (+3-7% on keras_convnet, README "Performance").
+    # ops beside the other's matmuls.
     (grads, loss, correct), _ = lax.scan(add_slice, zeros, jnp.arange(batch_size // size),
                                          unroll=2)
     updates = {}
@@ -236,7 +216,7 @@ def training_flops_per_image(model_config, state: TrainState, image_shape) -> fl
   """XLA's FLOP count of one forward and backward pass, per image (one seed's state).
 
   Without dropout: its random bits are integer hashing, not the model's arithmetic,
-  and XLA counts them only when they are written out (models.threefry_bits).
+  and XLA counts them only when they are written out (cpu/dropout.py).
   """
   model = build_model(model_config, axis_name=None).clone(dropout=0.0)
   batch = 8
@@ -287,7 +267,8 @@ EXIT_INTERRUPTED = 75
 
 # Errors caused by the user's config, data or workdir: the CLIs print them in one line.
 USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError, workdir_lib.ConfigMismatchError,
-               checkpoint.CheckpointError, FloatingPointError, FileExistsError, PermissionError)
+               workdir_lib.RecordError, checkpoint.CheckpointError, FloatingPointError,
+               FileExistsError, PermissionError)
 
 
 @contextlib.contextmanager
@@ -347,6 +328,44 @@ def load_data(config) -> input_pipeline.Dataset:
   return data
 
 
+class Run(NamedTuple):
+  """What a config builds before any step: shared by training, the benchmark, visualize
+  and predict, so each of them runs the same model on the same state."""
+  model: models.ConvNet
+  learning_rate_fn: optax.Schedule
+  state: TrainState  # One per seed, stacked on a leading axis.
+  data_keys: jax.Array  # The epochs' data order, per seed.
+  dropout_keys: jax.Array
+
+
+def init_run(config, image_shape, steps_per_epoch: int, axis_name: str | None = AXIS) -> Run:
+  """The model, schedule, fresh per-seed train states and keys of `config`."""
+  model = build_model(config.model, axis_name)
+  init_keys, data_keys, dropout_keys = seed_keys(config.seed, config.num_seeds)
+  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
+  state = create_train_states(init_keys, config, model, image_shape, learning_rate_fn)
+  return Run(model, learning_rate_fn, state, data_keys, dropout_keys)
+
+
+def validate(config) -> None:
+  """config_lib.validate against this process's devices and processes."""
+  config_lib.validate(config, jax.local_device_count() if jax.process_count() == 1
+                      else jax.device_count())
+  if config.parallel == 'jit' and jax.process_count() > 1:
+    raise config_lib.ConfigError("parallel='jit' runs in one process; use parallel='pmap' with "
+                                 'jax.distributed')
+
+
+def check_data(config, data: input_pipeline.Dataset) -> int:
+  """Checks the model's shapes and the batch size against the data; returns steps per epoch."""
+  config_lib.check_shapes(config_lib.block_settings(config.model), data.train.images.shape[1:])
+  steps_per_epoch = len(data.train.labels) // config.batch_size
+  if steps_per_epoch == 0:
+    raise config_lib.ConfigError(f'batch_size={config.batch_size} is larger than the '
+                                 f'{len(data.train.labels)} training images')
+  return steps_per_epoch
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False) -> dict:
   """Trains and evaluates the model the config describes; writes everything to workdir.
@@ -356,28 +375,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   unfinished run of the same config resumes from its latest checkpoint.
   """
   run_start = time.time()
-  parallel.keep_freed_memory()
-  config_lib.validate(config, jax.local_device_count() if jax.process_count() == 1
-                      else jax.device_count())
-  if config.parallel == 'jit' and jax.process_count() > 1:
-    raise config_lib.ConfigError("parallel='jit' runs in one process; use parallel='pmap' with "
-                                 'jax.distributed')
+  validate(config)
+  if jax.default_backend() == 'cpu':
+    memory.keep_freed_memory()
   devices, local_devices = parallel.participating_devices(config.num_devices)
   num_devices, writer = len(devices), parallel.is_writer()
   log = print if writer else lambda *args, **kwargs: None
   data = load_data(config)
+  steps_per_epoch = check_data(config, data)
   image_shape = data.train.images.shape[1:]
-  model = build_model(config.model)
-  config_lib.check_shapes(model, image_shape)
-  steps_per_epoch = len(data.train.labels) // config.batch_size
-  if steps_per_epoch == 0:
-    raise config_lib.ConfigError(f'batch_size={config.batch_size} is larger than the '
-                                 f'{len(data.train.labels)} training images')
-  workdir_lib.prepare(workdir, config.to_dict(), allow_config_change, write=writer)
+  workdir_lib.prepare(workdir, config.to_dict(), workdir_lib.data_record(data, config),
+                      allow_config_change, write=writer)
 
-  init_keys, data_keys, dropout_keys = seed_keys(config.seed, config.num_seeds)
-  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  state = create_train_states(init_keys, config, model, image_shape, learning_rate_fn)
+  model, learning_rate_fn, state, data_keys, dropout_keys = init_run(config, image_shape,
+                                                                     steps_per_epoch)
   first_seed = jax.tree_util.tree_map(lambda x: x[0], state)
   num_params = models.count_params(first_seed.params)
   flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
@@ -393,9 +404,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if writer:
       workdir_lib.keep_records_up_to(out.metrics_path, int(state.step[0]))
     log(f'{num_params:,} parameters, {flops_per_image / 1e6:.1f} MFLOP per training image; '
-          f'feature maps {models.feature_shapes(model, image_shape)}; {config.num_seeds} '
-          f'seed(s); {num_devices} x {devices[0].device_kind} in {jax.process_count()} '
-          f'process(es)', flush=True)
+        f'{model.ops.backend} kernels (model.ops={config.model.ops!r}); '
+        f'feature maps {shapes.feature_shapes(model.blocks, image_shape)}; {config.num_seeds} '
+        f'seed(s); {num_devices} x {devices[0].device_kind} in {jax.process_count()} '
+        f'process(es)', flush=True)
 
     # The state and keys live on every device, as the pmapped functions return them,
     # so each compiled function sees one sharding whether the state is new or restored.
@@ -417,6 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       nonlocal compile_time
       if num_steps not in compiled_chunks:
         start = time.time()
+        out.note(f'compiling the training step ({num_steps} steps per call)...')
         compiled_chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
             num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
             config.parallel, config.micro_batch_size), *args)
@@ -508,4 +521,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
   if writer:
     workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  log(summary_line(results, workdir), flush=True)
   return results
+
+
+def summary_line(results: dict, workdir: str) -> str:
+  """The run's last line: its result, its time, and where everything is."""
+  accuracy = f'{100 * results["test_accuracy"]:.2f}%'
+  if 'test_accuracy_std' in results:
+    accuracy += f' ± {100 * results["test_accuracy_std"]:.2f} over {results["num_seeds"]} seeds'
+  minutes, seconds = divmod(round(results['wall_time_s']), 60)
+  return (f'done: test accuracy {accuracy} in {minutes} min {seconds} s; results '
+          f'{os.path.join(workdir, "results.json")}; TensorBoard: tensorboard --logdir '
+          f'{os.path.join(workdir, "tensorboard")}; figures: python -m convnet.visualize '
+          f'--workdir {workdir}')

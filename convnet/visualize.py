@@ -14,50 +14,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
-from convnet import checkpoint, input_pipeline, train
+from convnet import inference, input_pipeline
 from convnet import workdir as workdir_lib
-
-
-class Trained:
-  """A finished or checkpointed run: its config, model (one device) and variables (seed 0)."""
-
-  def __init__(self, workdir: str, image_shape=(28, 28, 1)):
-    config_path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(config_path):
-      raise FileNotFoundError(f'{config_path} not found: {workdir} holds no run')
-    self.config = config_from_dict(workdir_lib.read_json(config_path))
-    self.model = train.build_model(self.config.model, axis_name=None)
-    keys = train.seed_keys(self.config.seed, self.config.num_seeds)
-    state = train.create_train_states(keys[0], self.config, self.model, image_shape,
-                                      lambda step: 0.0)
-    with checkpoint.manager(workdir, self.config.keep_checkpoints) as checkpoints:
-      restored = train.restore_checkpoint(checkpoints, state, keys[1:])
-    if restored is None:
-      raise checkpoint.CheckpointError(f'{workdir}/checkpoints holds no checkpoint')
-    state, _, _, self.step = restored
-    self.variables = {'params': jax.tree_util.tree_map(lambda x: x[0], state.params),
-                      'batch_stats': jax.tree_util.tree_map(lambda x: x[0], state.batch_stats)}
-
-  def apply(self, images: np.ndarray, mean: float, std: float, capture: bool = False):
-    """Logits (and the sown feature maps if capture) for uint8 [n, 28, 28, 1] images."""
-    x = input_pipeline.normalize(jnp.asarray(images), mean, std)
-    if not capture:
-      return self.model.apply(self.variables, x)
-    logits, state = self.model.apply(self.variables, x, mutable=['intermediates'])
-    return logits, state['intermediates']
-
-
-def config_from_dict(data: dict) -> ml_collections.ConfigDict:
-  """config.json -> ConfigDict, with JSON's lists turned back into tuples."""
-  def tuples(value):
-    if isinstance(value, dict):
-      return {k: tuples(v) for k, v in value.items()}
-    return tuple(value) if isinstance(value, list) else value
-  return ml_collections.ConfigDict(tuples(data))
 
 
 def feature_maps(intermediates) -> list[tuple[str, np.ndarray]]:
@@ -187,7 +148,8 @@ def plot_curves(path: str, runs: list[tuple[str, list[dict]]]) -> str:
     steps = [r for r in records if 'train_loss' in r]
     tests = [r for r in records if 'test_accuracy' in r]
     line, = loss_ax.plot([r['step'] for r in steps], [r['train_loss'] for r in steps],
-                         label=label, linewidth=1)
+                         label=label, linewidth=1,  # Markers, so a short run shows its points.
+                         marker='o' if len(steps) < 50 else None, markersize=3)
     accuracy_ax.plot([r['epoch'] for r in tests], [100 * r['test_accuracy'] for r in tests],
                      'o-', color=line.get_color(), linewidth=1, markersize=3)
   loss_ax.set(xlabel='step', ylabel='train loss', yscale='log', title='training loss')
@@ -202,23 +164,25 @@ def plot_curves(path: str, runs: list[tuple[str, list[dict]]]) -> str:
 
 
 def visualize(workdir: str, num_digits: int = 4) -> list[str]:
-  """Writes every figure of the run in workdir into workdir/figures; returns the paths."""
-  config = config_from_dict(workdir_lib.read_json(os.path.join(workdir, 'config.json')))
-  data = train.load_data(config)
-  trained = Trained(workdir, data.train.images.shape[1:])
+  """Writes every figure of the run in workdir into workdir/figures; returns the paths.
+
+  Reads the run's files and its test split; never the training set.
+  """
+  trained = inference.Trained(workdir)
+  config = trained.config
+  test = input_pipeline.load_splits(config.data.source, config.data.dir, config.data.name,
+                                    config.model.num_classes, config.data.download,
+                                    splits=('test',))['test']
   out = os.path.join(workdir, 'figures')
   os.makedirs(out, exist_ok=True)
-  test = data.test
-  logits = np.concatenate([np.asarray(trained.apply(test.images[i:i + 1000], data.mean,
-                                                    data.std))
+  logits = np.concatenate([np.asarray(trained.apply(test.images[i:i + 1000]))
                            for i in range(0, len(test.labels), 1000)])
   probabilities = np.asarray(jax.nn.softmax(logits))
   digits = test.images[[int(np.flatnonzero(test.labels == d)[0]) for d in range(num_digits)]]
-  _, intermediates = trained.apply(digits, data.mean, data.std, capture=True)
   return [
       plot_filters(os.path.join(out, 'filters.png'), trained.variables['params']),
       plot_feature_maps(os.path.join(out, 'feature_maps.png'), digits,
-                        feature_maps(intermediates)),
+                        feature_maps(trained.feature_maps(digits))),
       plot_confusion_matrix(os.path.join(out, 'confusion_matrix.png'), confusion_matrix(
           test.labels, probabilities.argmax(-1), config.model.num_classes)),
       plot_misclassified(os.path.join(out, 'misclassified.png'), test.images, test.labels,
@@ -231,6 +195,7 @@ def visualize(workdir: str, num_digits: int = 4) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
   try:
     paths = visualize(flags.FLAGS.workdir)
   except (FileNotFoundError, *train.USER_ERRORS) as e:

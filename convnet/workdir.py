@@ -1,18 +1,29 @@
-"""What a run keeps on disk: config.json, metrics.jsonl, results.json, checkpoints/.
+"""What a run keeps on disk: config.json, data.json, metrics.jsonl, results.json, checkpoints/.
 
 Writes are atomic (temporary file + rename) so a crash never leaves half a file,
-and a workdir is only ever resumed by the config that started it.
+and a workdir is only ever resumed by the config and data that started it.
+data.json holds what inference needs besides the checkpoint (image shape, class
+count, normalisation statistics), so predict and visualize never reload the training
+set, and a fingerprint of the arrays trained on.
 """
 
+import hashlib
 import json
 import os
+import sys
+
+import ml_collections
 
 from convnet import config_lib
 
 # Keys that change how often things are written, or where data is read from, but
 # not the numbers a run produces; a resume may change them freely.
+# The kernels (model.ops, model.layout) compute the same function up to float rounding,
+# so a run started on a CPU may resume on a GPU; data.dir may move, as the data's
+# fingerprint (data.json) guards what is read there.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                     'progress', 'parallel', 'data.dir', 'data.download')
+                     'progress', 'parallel', 'data.dir', 'data.download', 'model.ops',
+                     'model.layout')
 
 
 class ConfigMismatchError(ValueError):
@@ -25,9 +36,25 @@ def write_json(path: str, data) -> None:
   os.replace(path + '.tmp', path)
 
 
+class RecordError(ValueError):
+  """A run's file that cannot be read; the message names it."""
+
+
 def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise RecordError(f'{path}: not valid JSON ({e}); the file is damaged') from e
+
+
+def config_from_dict(data: dict) -> ml_collections.ConfigDict:
+  """config.json -> ConfigDict, with JSON's lists turned back into tuples."""
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    return tuple(value) if isinstance(value, list) else value
+  return ml_collections.ConfigDict(tuples(data))
 
 
 def append_jsonl(path: str, record: dict) -> None:
@@ -36,10 +63,22 @@ def append_jsonl(path: str, record: dict) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines file. A torn last line (a crash in mid-append) is
+  dropped with a warning; a damaged line before it is an error naming the file."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f.read().split('\n') if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number < len(lines):
+        raise RecordError(f'{path}: line {number} is not valid JSON ({e})') from e
+      print(f'warning: {path}: ignoring its torn last line (a crash in mid-append)',
+            file=sys.stderr, flush=True)
+  return records
 
 
 def keep_records_up_to(path: str, step: int) -> None:
@@ -48,6 +87,31 @@ def keep_records_up_to(path: str, step: int) -> None:
   with open(path + '.tmp', 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
   os.replace(path + '.tmp', path)
+
+
+def fingerprint(split) -> dict:
+  """Count, shape and sha256 of a split's images and labels: its identity, wherever it lives."""
+  digest = hashlib.sha256()
+  for array in split:
+    digest.update(str((array.dtype.str, array.shape)).encode())
+    digest.update(memoryview(array.ravel() if array.flags.c_contiguous else array.copy()))
+  return {'count': int(len(split.labels)), 'image_shape': list(split.images.shape[1:]),
+          'sha256': digest.hexdigest()}
+
+
+def data_record(data, config) -> dict:
+  """data.json: what inference needs, and the fingerprint of the data trained on."""
+  return {'image_shape': list(data.train.images.shape[1:]),
+          'num_classes': int(config.model.num_classes),
+          'mean': float(data.mean), 'std': float(data.std),
+          'train': fingerprint(data.train), 'test': fingerprint(data.test)}
+
+
+def data_diff(saved: dict, new: dict) -> list[str]:
+  """'split key: saved -> new' for each fingerprint field that differs."""
+  return [f'{split} {key}: {saved.get(split, {}).get(key)!r} -> {new[split][key]!r}'
+          for split in ('train', 'test') for key in new[split]
+          if saved.get(split, {}).get(key) != new[split][key]]
 
 
 def config_diff(saved: dict, new: dict) -> list[str]:
@@ -65,14 +129,15 @@ def config_diff(saved: dict, new: dict) -> list[str]:
   return lines
 
 
-def prepare(workdir: str, config: dict, allow_config_change: bool = False,
+def prepare(workdir: str, config: dict, data: dict, allow_config_change: bool = False,
             write: bool = True) -> None:
-  """Creates workdir, or checks that the run in it may be resumed with this config.
+  """Creates workdir, or checks that the run in it may be resumed with this config and data.
 
-  Refuses a finished run (results.json exists) and a config that differs from the
-  saved one in a key that changes results, unless allow_config_change. With
-  write=False (processes other than 0) it only checks. Whether training resumes
-  is up to the checkpoints found, not to this.
+  Refuses a finished run (results.json exists), data whose fingerprint differs from
+  the saved one, and a config that differs from the saved one in a key that changes
+  results, unless allow_config_change. Writes config.json and data.json once every
+  check passed. With write=False (processes other than 0) it only checks. Whether
+  training resumes is up to the checkpoints found, not to this.
   """
   if not write:
     if os.path.exists(os.path.join(workdir, 'results.json')):
@@ -88,9 +153,17 @@ def prepare(workdir: str, config: dict, allow_config_change: bool = False,
   if os.path.exists(results):
     raise FileExistsError(f'{results} exists: {workdir} holds a finished run; choose a new '
                           f'--workdir')
+  data_path = os.path.join(workdir, 'data.json')
+  if os.path.exists(data_path):
+    diff = data_diff(read_json(data_path), data)
+    if diff:
+      raise ConfigMismatchError(f'{data_path}: this run was trained on other data:\n  '
+                                + '\n  '.join(diff) + '\nuse a new --workdir, or the data it '
+                                'was trained on')
   saved_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(saved_path):
     write_json(saved_path, config)
+    write_json(data_path, data)
     return
   diff = config_diff(read_json(saved_path), config)
   if diff and not allow_config_change:
@@ -101,3 +174,4 @@ def prepare(workdir: str, config: dict, allow_config_change: bool = False,
   if diff:
     os.replace(saved_path, saved_path + '.before_change')
     write_json(saved_path, config)
+  write_json(data_path, data)

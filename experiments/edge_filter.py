@@ -25,7 +25,7 @@ HORIZONTAL = VERTICAL.T
 
 def edge_responses(images: np.ndarray):
   """(conv [n, 28, 28, 2], pooled [n, 14, 14, 2]) of the two filters on uint8 digits."""
-  block = models.ConvBlock(features=2, kernel_size=3, padding='SAME', activation='identity',
+  block = models.ConvBlock(filters=2, kernel_size=3, padding='SAME', activation='identity',
                            pool='max', pool_size=2, pool_stride=2)
   kernel = np.stack([VERTICAL, HORIZONTAL], axis=-1)[:, :, None, :]  # [3, 3, 1, 2]
   variables = {'params': {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros(2)}}

@@ -1,7 +1,9 @@
 """The benchmark command in smoke mode (it runs, prints its table, writes every field), and
 how it times its trainers."""
 
+import glob
 import json
+import os
 import subprocess
 import sys
 
@@ -42,6 +44,24 @@ def test_benchmark_smoke_mode_writes_its_json_with_every_field(tmp_path):
                              'pytorch': {'skipped': '--peers=false'}}
   assert {'cpu', 'cores', 'jax', 'device_kind', 'python'} <= set(result['machine'])
   assert 'train images/s' in proc.stdout and 'skipped: --peers=false' in proc.stdout
+  assert result['config'] == 'configs/default.py:smoke' and result['ops'] == 'cpu'
+  assert len(result['date_utc']) == 16 and result['commit']
+  # The table mode prints it as one row under the header.
+  table = run_benchmark('--mode=table', f'--table_from={tmp_path}', timeout=120)
+  assert table.returncode == 0, table.stderr
+  header, rule, row = table.stdout.strip().splitlines()
+  assert row == benchmark.markdown_table([str(out)]).splitlines()[2]
+  assert row.startswith('| `configs/default.py:smoke` |') and '| cpu | 2 |' in row
+
+
+def test_the_table_in_docs_is_generated_from_the_committed_benchmark_json():
+  docs = os.path.join(REPO, 'docs')
+  text = open(os.path.join(docs, 'performance.md'), encoding='utf-8').read()
+  table = text.split('<!-- benchmark-table:begin -->\n')[1].split('<!-- benchmark-table:end -->')[0]
+  paths = sorted(glob.glob(os.path.join(docs, 'benchmarks', '*.json')))
+  assert len(paths) >= 2  # keras_convnet and the lesson model at least
+  assert table.strip() == benchmark.markdown_table(paths), (
+      'docs/performance.md is stale: paste `python -m convnet.benchmark --mode=table`')
 
 
 def test_time_to_accuracy_reports_the_first_epoch_at_the_target(tmp_path):

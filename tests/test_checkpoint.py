@@ -140,6 +140,42 @@ def test_resume_with_a_different_config_is_refused_with_a_diff(smoke_config, tmp
   assert sorted(os.listdir(run_dir / 'checkpoints')) == ['16', '32']
 
 
+def test_resume_on_other_data_is_refused_naming_the_difference(smoke_config, tmp_path,
+                                                                crashed_runs):
+  """Moving the same files is fine; other files behind the same config are refused."""
+  run_dir, finished = copy_of(crashed_runs, 1, tmp_path)
+  before = fingerprint(run_dir)
+  other = tmp_path / 'other'
+  shutil.copytree(smoke_config.data.dir, other)
+  for name in ('images-idx3-ubyte.gz', 'labels-idx1-ubyte.gz'):  # Test digits as training set.
+    shutil.copy(other / f't10k-{name}', other / f'train-{name}')
+  smoke_config.data.dir = str(other)
+  with pytest.raises(workdir.ConfigMismatchError, match=r'trained on other data:\n  train '
+                     r'sha256: .* -> '):
+    train.train_and_evaluate(smoke_config, str(run_dir))
+  assert fingerprint(run_dir) == before
+  moved = tmp_path / 'moved'
+  shutil.copytree(default.get_config().data.dir, moved)
+  smoke_config.data.dir = str(moved)
+  train.train_and_evaluate(smoke_config, str(run_dir))
+  assert results(run_dir) == {k: v for k, v in finished.items() if k.startswith('test_')}
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(smoke_config, tmp_path, capfd,
+                                                       crashed_runs):
+  run_dir, finished = copy_of(crashed_runs, 1, tmp_path)
+  with open(run_dir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 16, "train_lo')  # A crash in mid-append.
+  again = train.train_and_evaluate(smoke_config, str(run_dir))
+  assert 'ignoring its torn last line' in capfd.readouterr().err
+  assert again['test_accuracy'] == finished['test_accuracy']
+  records = workdir.read_jsonl(str(run_dir / 'metrics.jsonl'))  # Every line whole again.
+  assert records[-1]['test_count'] == 10000
+  (run_dir / 'config.json').write_text('{"seed": ')
+  with pytest.raises(workdir.RecordError, match=r'config.json: not valid JSON'):
+    workdir.read_json(str(run_dir / 'config.json'))
+
+
 @pytest.mark.parametrize('damage', ['truncate', 'delete'])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_path,
                                                                     capfd, damage,

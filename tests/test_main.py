@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, fingerprint, main_command
-from convnet import config_lib, models, train
+from convnet import config_lib, shapes, train
 
 
 def run_main(workdir, *overrides):
@@ -21,8 +21,16 @@ def test_cli_trains_and_writes_every_output(tmp_path):
                   '--config.model.kernel_size=5', '--config.log_every_steps=2')
   assert done.returncode == 0, done.stderr
   assert 'epoch 1/1' in done.stdout and 'test loss' in done.stdout
+  assert 'compiling the training step' in done.stdout  # Said before the wait, not after.
+  summary = done.stdout.strip().splitlines()[-1]  # The last line says where everything is.
+  results_path = summary.split('; results ')[1].split(';')[0]
+  tensorboard_dir = summary.split('tensorboard --logdir ')[1].split(';')[0]
+  assert summary.startswith('done: test accuracy ')
+  assert os.path.isfile(results_path) and os.path.isdir(tensorboard_dir)
+  assert summary.endswith(f'python -m convnet.visualize --workdir {tmp_path / "run"}')
   files = sorted(os.listdir(tmp_path / 'run'))
-  assert files == ['checkpoints', 'config.json', 'metrics.jsonl', 'results.json', 'tensorboard']
+  assert files == ['checkpoints', 'config.json', 'data.json', 'metrics.jsonl', 'results.json',
+                   'tensorboard']
   with open(tmp_path / 'run' / 'results.json') as f:
     results = json.load(f)
   for key in ('test_accuracy', 'test_loss', 'num_params', 'num_epochs', 'train_time_s',
@@ -33,6 +41,12 @@ def test_cli_trains_and_writes_every_output(tmp_path):
   with open(tmp_path / 'run' / 'config.json') as f:
     saved = json.load(f)
   assert saved['model']['filters'] == [8] and saved['model']['kernel_size'] == [5]
+  with open(tmp_path / 'run' / 'data.json') as f:
+    data = json.load(f)  # What predict and visualize need, and what was trained on.
+  assert data['image_shape'] == [28, 28, 1] and data['num_classes'] == 10
+  assert abs(data['mean'] - 0.1307) < 1e-4 and abs(data['std'] - 0.3081) < 1e-4  # MNIST's
+  assert data['train']['count'] == 512 and data['test']['count'] == 10000
+  assert len(data['train']['sha256']) == 64 and data['train']['sha256'] != data['test']['sha256']
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records if 'train_loss' in r] == [2, 4]
@@ -79,5 +93,6 @@ def test_every_shipped_config_is_valid_and_its_model_fits_mnist(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   config_lib.validate(config, 2)
   model = train.build_model(config.model)
-  config_lib.check_shapes(model, (28, 28, 1))
-  assert models.feature_shapes(model, (28, 28, 1))[-1][0] >= 1
+  config_lib.check_shapes(model.blocks, (28, 28, 1))
+  assert shapes.feature_shapes(model.blocks, (28, 28, 1))[-1][0] >= 1
+  assert config.model.ops == 'auto'  # Every shipped config lets the device pick the kernels.

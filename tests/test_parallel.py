@@ -52,9 +52,9 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
 # Plain malloc and free, as XLA's kernels use them (NumPy asks for huge pages).
 PAGE_FAULTS = """
 import ctypes, resource, sys
-from convnet import parallel
+from convnet.cpu import memory
 if sys.argv[1] == 'keep':
-  assert parallel.keep_freed_memory()
+  assert memory.keep_freed_memory()
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -11,7 +11,7 @@ import pytest
 
 from configs import default
 from conftest import fingerprint
-from convnet import config_lib, input_pipeline, parallel, train, workdir
+from convnet import config_lib, input_pipeline, optim, parallel, train, workdir
 
 
 def batchnorm_config(smoke_config):
@@ -30,7 +30,7 @@ def run_epoch(config, mnist, devices, num_images=64, how='pmap', chunk_steps=Non
   steps = num_images // config.batch_size
   init_keys, data_keys, dropout_keys = train.seed_keys(config.seed, 1)
   state = train.create_train_states(init_keys, config, model, (28, 28, 1),
-                                    train.create_learning_rate_fn(config, steps))
+                                    optim.create_learning_rate_fn(config, steps))
   chunk = train.parallel_train_chunk(chunk_steps or steps, steps, config.batch_size, mnist.mean,
                                      mnist.std, devices, how, config.micro_batch_size)
   images, labels = (parallel.replicate(x[:num_images], devices) for x in mnist.train)
@@ -112,7 +112,7 @@ def host_loop_epoch(config, mnist, devices, num_images):
   steps = num_images // config.batch_size
   init_keys, data_keys, dropout_keys = train.seed_keys(config.seed, 1)
   state = jax.tree_util.tree_map(lambda x: x[0], train.create_train_states(
-      init_keys, config, model, (28, 28, 1), train.create_learning_rate_fn(config, steps)))
+      init_keys, config, model, (28, 28, 1), optim.create_learning_rate_fn(config, steps)))
   step = jax.pmap(train.train_step, axis_name=parallel.AXIS, in_axes=(None, 0, None),
                   out_axes=None, devices=devices)
   order = np.asarray(input_pipeline.epoch_permutation(data_keys[0], 0, num_images))
@@ -214,7 +214,7 @@ def test_training_real_mnist_learns_and_repeats_exactly(smoke_config, tmp_path):
 def test_learning_rate_schedule_warmup_then_cosine(smoke_config):
   config = smoke_config
   config.schedule, config.warmup_epochs, config.num_epochs = 'cosine', 1.0, 3
-  lr = train.create_learning_rate_fn(config, steps_per_epoch=10)
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
   assert float(lr(0)) == 0.0
   assert float(lr(5)) == pytest.approx(0.5e-3)
   assert float(lr(10)) == pytest.approx(1e-3)

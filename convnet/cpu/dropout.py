@@ -1,0 +1,64 @@
+"""nn.Dropout's masks, bit for bit, with the threefry hash written out for XLA's CPU backend.
+
+JAX lowers threefry on CPU as a 5-trip loop over whole arrays (it compiles faster);
+written out round by round, XLA fuses the 20 rounds into one pass. That pass runs as
+a 2-trip loop over halves of the counters so that XLA writes the bits out once:
+otherwise it fuses the whole hash into every consumer, among them the max pool's
+gradient, which reads each bit several times.
+"""
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry_bits(key, shape: Sequence[int]):
+  """jax.random.bits(key, shape) for a threefry key (JAX's default); other key types go
+  to jax.random.bits."""
+  size = math.prod(shape)
+  if str(jax.random.key_impl(key)) != 'threefry2x32' or size >= 2**32:
+    return jax.random.bits(key, shape, jnp.uint32)
+  k = jax.random.key_data(key)
+  ks = (k[0], k[1], k[0] ^ k[1] ^ jnp.uint32(0x1BD11BDA))
+
+  def threefry(counters):
+    # A 64-bit counter per element, as two uint32 words: (0, flat index).
+    hi = jnp.zeros_like(counters) + ks[0]
+    lo = counters + ks[1]
+    for i in range(5):
+      for r in _THREEFRY_ROTATIONS[i % 2]:
+        hi = hi + lo
+        lo = ((lo << r) | (lo >> (32 - r))) ^ hi
+      hi = hi + ks[(i + 1) % 3]
+      lo = lo + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return hi ^ lo
+
+  half = -(-size // 2)
+  bits = lax.map(threefry, lax.iota(jnp.uint32, 2 * half).reshape(2, half))
+  return bits.reshape(-1)[:size].reshape(shape)
+
+
+class Dropout(nn.Module):
+  """nn.Dropout (same fields, same masks bit for bit) with its bits from threefry_bits."""
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep_prob = 1.0 - self.rate
+    # jax.random.bernoulli keeps an element when its uniform, (bits >> 9) * 2**-23, is
+    # below float32(keep_prob): the same as this integer comparison.
+    threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
+    keep = (threefry_bits(self.make_rng('dropout'), x.shape) >> 9) < threshold
+    return lax.select(keep, x / keep_prob, jnp.zeros_like(x))

@@ -1,0 +1,58 @@
+"""A trained run loaded from its workdir alone, for visualize, predict and notebooks.
+
+It is built by the same `train.init_run` as training, so it runs the same model with
+the same kernels; the workdir's data.json gives the image shape and normalisation, so
+the training set is never read.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convnet import checkpoint, input_pipeline, ops, train
+from convnet import workdir as workdir_lib
+
+
+class Trained:
+  """A finished or checkpointed run, from its workdir alone: config, model (one device),
+  variables (seed 0) and the normalisation its training data had (data.json)."""
+
+  def __init__(self, workdir: str):
+    self.config = workdir_lib.config_from_dict(read_record(workdir, 'config.json'))
+    self.data = read_record(workdir, 'data.json')
+    image_shape = tuple(self.data['image_shape'])
+    run = train.init_run(self.config, image_shape, steps_per_epoch=1, axis_name=None)
+    self.model = run.model  # The kernels training used here: the same forward pass.
+    with checkpoint.manager(workdir, self.config.keep_checkpoints) as checkpoints:
+      restored = train.restore_checkpoint(checkpoints, run.state,
+                                          (run.data_keys, run.dropout_keys))
+    if restored is None:
+      raise checkpoint.CheckpointError(f'{workdir}/checkpoints holds no checkpoint')
+    state, _, _, self.step = restored
+    self.variables = {'params': jax.tree_util.tree_map(lambda x: x[0], state.params),
+                      'batch_stats': jax.tree_util.tree_map(lambda x: x[0], state.batch_stats)}
+
+  def normalize(self, images: np.ndarray):
+    return input_pipeline.normalize(jnp.asarray(images), self.data['mean'], self.data['std'])
+
+  def apply(self, images: np.ndarray):
+    """Logits for uint8 [n, h, w, c] images, as the trained model computes them."""
+    return self.model.apply(self.variables, self.normalize(images))
+
+  def feature_maps(self, images: np.ndarray):
+    """The sown conv and pool outputs of every block, computed whole by the library ops
+    (the CPU kernels may skip outputs the next block does not read); same parameters."""
+    whole = self.model.clone(ops=ops.Ops())
+    _, state = whole.apply(self.variables, self.normalize(images), mutable=['intermediates'])
+    return state['intermediates']
+
+
+def read_record(workdir: str, name: str) -> dict:
+  """A run's JSON record, or FileNotFoundError naming it."""
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: {workdir} holds no run (or one from before '
+                            f'{name} was written)')
+  return workdir_lib.read_json(path)

@@ -1,0 +1,183 @@
+"""The CPU kernels (convnet/cpu) against NumPy and against the library ops they replace."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from convnet import models, ops
+from convnet.cpu import conv, dropout, layout, phases, pool
+from references import numpy_conv, numpy_pool
+
+
+@pytest.mark.parametrize('noise', [0.0, 1e-3])
+@pytest.mark.parametrize('window', [2, 3])
+def test_max_pool_gradient_goes_to_each_window_first_maximum(mnist, window, noise):
+  """Real digits: without noise the blank background ties in every window, and the
+  gradient goes to the first maximum in row-major order (np.argmax's), as in TF."""
+  noise = np.random.default_rng(0).normal(0, noise, (2, 27, 28, 1))
+  x = (mnist.test.images[:2, :27] / 255.0 + noise).astype(np.float32)
+  pooled_shape = numpy_pool(x, np.max, window, window).shape
+  dy = np.random.default_rng(1).normal(size=pooled_shape).astype(np.float32)
+  cpu = ops.Ops('cpu')
+  dx = jax.grad(lambda x: jnp.sum(cpu.pool2d(x, kind='max', window=window, stride=window)
+                                  * dy))(jnp.asarray(x))
+  want = np.zeros_like(x)
+  for i in range(pooled_shape[1]):
+    for j in range(pooled_shape[2]):
+      for n in range(2):
+        tile = x[n, i * window:(i + 1) * window, j * window:(j + 1) * window, 0]
+        a, b = np.unravel_index(np.argmax(tile), tile.shape)
+        want[n, i * window + a, j * window + b, 0] = dy[n, i, j, 0]
+  np.testing.assert_allclose(dx, want, rtol=1e-6)
+
+
+def test_max_over_phases_sends_the_gradient_to_the_first_tied_maximum():
+  y = jnp.array([[1.0, 3.0, 2.0], [3.0, 0.0, 2.0], [3.0, 3.0, 2.0]])  # [phase, position]
+  dm = jnp.array([10.0, 20.0, 30.0])
+  np.testing.assert_array_equal(phases.max_over_phases(y), [3.0, 3.0, 2.0])
+  grad = jax.grad(lambda y: jnp.sum(phases.max_over_phases(y) * dm))(y)
+  np.testing.assert_array_equal(grad, [[0, 20, 30], [10, 0, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize('layout_name', layout.LAYOUTS)
+@pytest.mark.parametrize('kernel_size,window,size,channels', [
+    (3, 2, 28, 1), (3, 2, 27, 1), (5, 2, 28, 1), (3, 3, 28, 1), (2, 2, 13, 2)])
+def test_conv_max_pool_by_phase_matches_numpy_windows(mnist, layout_name, kernel_size, window,
+                                                      size, channels):
+  """Values against NumPy's sliding windows (odd sizes: the pool drops the last row);
+  gradients against lax.conv + Flax's max pool with JAX's derivatives."""
+  noise = np.random.default_rng(0).normal(0, 1e-3, (3, size, size, channels))
+  x = np.concatenate([mnist.test.images[i:i + 3, :size, :size] for i in range(channels)], -1)
+  x = (x / 255.0 + noise).astype(np.float32)  # no pool window with two equal maxima
+  kernel = np.random.default_rng(1).normal(size=(kernel_size, kernel_size, channels, 4))
+  kernel = kernel.astype(np.float32)
+  want = numpy_pool(numpy_conv(x, kernel, 0.0, 1, 'VALID'), np.max, window, window)
+  to_layout = (lambda a: a) if layout_name == 'NHWC' else layout.swap_batch_and_channels
+
+  def ours(x, kernel):
+    return to_layout(phases.conv_max_pool(to_layout(x), kernel, window=window,
+                                          layout=layout_name))
+
+  def reference(x, kernel):
+    y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return nn.max_pool(y, (window, window), (window, window), 'VALID')
+
+  np.testing.assert_allclose(jax.jit(ours)(x, kernel), want, rtol=1e-5, atol=1e-5)
+  dy = np.random.default_rng(2).normal(size=want.shape).astype(np.float32)
+  grad = lambda f: jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) * dy), argnums=(0, 1)))
+  got, expected = grad(ours)(x, kernel), grad(reference)(x, kernel)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('layout_name,changes,by_phase', [
+    ('CHWN', {}, True), ('CHWN', {'padding': 'SAME', 'activation': 'leaky_relu'}, True),
+    ('NHWC', {}, False), ('CHWN', {'norm': 'layer'}, False), ('CHWN', {'stride': 2}, False),
+    ('CHWN', {'pool_stride': 1}, False), ('CHWN', {'activation': 'gelu'}, False)])
+def test_a_one_channel_block_pools_by_phase_only_where_that_is_exact(
+    mnist, monkeypatch, layout_name, changes, by_phase):
+  """Where ConvBlock takes the phase matmul, and that its output and gradients are those
+  of the same block on the library ops. Real digits: the pool windows on their blank
+  background tie, and both send the gradient to the first maximum."""
+  calls = []
+  real = phases.conv_max_pool
+  monkeypatch.setattr(phases, 'conv_max_pool',
+                      lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
+  settings = {**dict(filters=4, kernel_size=3, padding='VALID', pool='max', pool_size=2,
+                     pool_stride=2, activation='relu'), **changes}
+  cpu = ops.Ops('cpu', layout_name)
+  block = models.ConvBlock(**settings, ops=cpu)
+  library_block = models.ConvBlock(**settings)
+  x = jnp.asarray(mnist.test.images[:4, :27] / 255.0, jnp.float32)
+  variables = library_block.init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(  # Non-zero biases too.
+      lambda p: 0.3 * jax.random.normal(jax.random.key(1), p.shape), variables)
+
+  def loss(block, variables):
+    return jnp.sum(jnp.sin(block.ops.to_nhwc(block.apply(variables, block.ops.to_blocks(x)))))
+
+  got = jax.jit(jax.value_and_grad(lambda v: loss(block, v)))(variables)
+  assert len(calls) == (1 if by_phase else 0)
+  want = jax.jit(jax.value_and_grad(lambda v: loss(library_block, v)))(variables)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('norm,pool_name,pool_size,pool_stride,padding', [
+    ('none', 'max', 2, 2, 'VALID'), ('batch', 'max', 3, 2, 'SAME'), ('layer', 'avg', 2, 2, 'SAME'),
+    ('none', 'avg', 3, 1, 'VALID')])
+def test_chwn_layout_gives_the_nhwc_model_outputs_and_gradients(
+    mnist, norm, pool_name, pool_size, pool_stride, padding):
+  """Same parameters, same logits, same gradients (BatchNorm statistics too) in both layouts."""
+  blocks = tuple(dict(filters=f, kernel_size=3, stride=s, padding=padding, norm=norm,
+                      pool=pool_name, pool_size=pool_size, pool_stride=pool_stride)
+                 for f, s in ((4, 1), (8, 2)))
+  nhwc = models.ConvNet(blocks=blocks, hidden=(16,), ops=ops.Ops('cpu', 'NHWC'))
+  chwn = nhwc.clone(ops=ops.Ops('cpu', 'CHWN'))
+  x = jnp.asarray(mnist.test.images[:8] / 255.0, jnp.float32)
+  labels = jnp.asarray(mnist.test.labels[:8])
+  variables = nhwc.init(jax.random.key(0), x)
+  assert (jax.tree_util.tree_structure(variables) ==
+          jax.tree_util.tree_structure(chwn.init(jax.random.key(0), x)))
+
+  def loss(model, params):
+    logits, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                  mutable=['batch_stats'])
+    return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(8), labels]), updates
+
+  (loss_a, stats_a), grads_a = jax.jit(jax.value_and_grad(lambda p: loss(nhwc, p),
+                                                         has_aux=True))(variables['params'])
+  (loss_b, stats_b), grads_b = jax.jit(jax.value_and_grad(lambda p: loss(chwn, p),
+                                                         has_aux=True))(variables['params'])
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves((grads_a, stats_a)),
+                  jax.tree_util.tree_leaves((grads_b, stats_b))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+@pytest.mark.parametrize('shape', [(7,), (32, 1600), (3, 5, 11)])
+def test_threefry_bits_are_jax_random_bits(shape, impl):
+  for seed in range(3):
+    key = jax.random.key(seed, impl=impl)
+    ours = jax.jit(dropout.threefry_bits, static_argnums=1)(key, shape)
+    np.testing.assert_array_equal(ours, jax.random.bits(key, shape, jnp.uint32))
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.5, 0.9])
+def test_dropout_masks_are_flax_dropouts(rate):
+  x = jax.random.uniform(jax.random.key(1), (64, 300), minval=1.0, maxval=2.0)
+  rngs = {'dropout': jax.random.key(2)}
+  ours = dropout.Dropout(rate).apply({}, x, rngs=rngs)
+  np.testing.assert_array_equal(ours, nn.Dropout(rate, deterministic=False).apply({}, x, rngs=rngs))
+  assert abs(float(jnp.mean(ours == 0)) - rate) < 0.02
+  kept = ours != 0
+  np.testing.assert_allclose(ours[kept], x[kept] / (1 - rate), rtol=1e-6)
+  assert dropout.Dropout(rate, deterministic=True).apply({}, x) is x
+
+
+@pytest.mark.parametrize('layout_name', layout.LAYOUTS)
+def test_conv2d_out_size_is_the_leading_corner_of_the_full_output(layout_name):
+  x = jax.random.normal(jax.random.key(0), (3, 13, 12, 2))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
+  if layout_name == 'CHWN':
+    x = layout.swap_batch_and_channels(x)
+  for padding, stride, out_size in [('VALID', 1, (10, 8)), ('SAME', 2, (6, 5)),
+                                    ('SAME', 1, (12, 12))]:
+    convolve = jax.jit(conv.conv2d, static_argnames=('stride', 'padding', 'layout', 'out_size'))
+    full = convolve(x, kernel, stride=stride, padding=padding, layout=layout_name)
+    part = convolve(x, kernel, stride=stride, padding=padding, layout=layout_name,
+                    out_size=out_size)
+    np.testing.assert_allclose(part, full[:, :out_size[0], :out_size[1], :], rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize('out_size', [(27, 5), (0, 5)])
+def test_conv2d_asked_for_outputs_it_does_not_have_names_out_size(out_size):
+  x = jnp.zeros((1, 28, 28, 1))  # 3x3 'VALID': 26x26 outputs
+  with pytest.raises(ValueError, match=r'out_size=\(%d, 5\) is not within its 26x26' % out_size[0]):
+    conv.conv2d(x, jnp.zeros((3, 3, 1, 2)), stride=1, padding='VALID', out_size=out_size)

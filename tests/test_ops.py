@@ -1,0 +1,131 @@
+"""The kernel seam: which backend 'auto' picks, and every backend against the library ops."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from configs import best, default, keras_convnet
+from convnet import config_lib, parallel, shapes, train, workdir
+from references import ALL_OPS, OPS_IDS, numpy_conv, numpy_conv_gradients, numpy_pool
+
+
+def jaxprs(config) -> tuple[str, str]:
+  """The jaxprs of one training step and of one forward pass of config's model, as the
+  trainer builds it, as text. (A step's jaxpr has the custom VJPs' rules inlined.)"""
+  model = train.build_model(config.model)
+  state = train.create_train_state(jax.random.key(0), config, model, (28, 28, 1),
+                                   lambda step: 1e-3)
+  batch = {'image': jnp.zeros((1, 8, 28, 28, 1)), 'label': jnp.zeros((1, 8), jnp.int32)}
+  step = jax.vmap(functools.partial(train.train_step, micro_batch_size=0),
+                  in_axes=(None, 0, None), axis_name=parallel.AXIS)
+  forward = functools.partial(model.apply, train=True, rngs={'dropout': jax.random.key(2)})
+  return (str(jax.make_jaxpr(step)(state, batch, jax.random.key(1))),
+          str(jax.make_jaxpr(forward)({'params': state.params}, batch['image'][0])))
+
+
+@pytest.mark.parametrize('platform,backend', [('gpu', 'xla'), ('tpu', 'xla'), ('cpu', 'cpu')])
+def test_auto_picks_the_library_ops_on_accelerators_and_the_cpu_kernels_on_cpu(
+    monkeypatch, platform, backend):
+  monkeypatch.setattr(jax, 'default_backend', lambda: platform)
+  config = keras_convnet.get_config()
+  assert config.model.ops == 'auto'
+  assert train.build_model(config.model).ops.backend == backend
+  step, forward = jaxprs(config)
+  if backend == 'xla':  # lax.conv, JAX's own derivatives, nn.Dropout's random bits.
+    assert 'conv_general_dilated' in step and 'random_bits' in step
+    assert 'custom_vjp' not in forward
+  else:  # im2col matmuls with hand-written backward passes, the hash written out.
+    assert 'conv_general_dilated' not in step and 'random_bits' not in step
+    assert 'custom_vjp_call' in forward
+
+
+def test_an_unknown_backend_is_a_config_error_naming_the_key(smoke_config):
+  smoke_config.model.ops = 'gpu'
+  with pytest.raises(config_lib.ConfigError, match=r"model.ops must be one of \('auto', "):
+    config_lib.validate(smoke_config, 2)
+
+
+@pytest.mark.parametrize('ops_', ALL_OPS, ids=OPS_IDS)
+@pytest.mark.parametrize('padding', shapes.PADDINGS)
+@pytest.mark.parametrize('kernel_size,stride', [(3, 1), (5, 2), (1, 1), (4, 3), (2, 2)])
+def test_conv_values_and_gradients_match_numpy_windows(mnist, ops_, padding, kernel_size,
+                                                       stride):
+  """Each backend's convolution (the CPU kernels' hand-written backward pass, lax.conv's
+  own) against the windows' sums, on real digits."""
+  x = (np.concatenate([mnist.test.images[:2], mnist.test.images[2:4]], -1) / 255.0)[:, :13]
+  kernel = np.asarray(jax.random.normal(jax.random.key(0), (kernel_size, kernel_size, 2, 3)))
+  conv = lambda x, k: ops_.to_nhwc(ops_.conv2d(ops_.to_blocks(x), k, stride=stride,
+                                                padding=padding))
+  y = jax.jit(conv)(jnp.asarray(x, jnp.float32), jnp.asarray(kernel))
+  np.testing.assert_allclose(y, numpy_conv(x, kernel, 0, stride, padding), rtol=1e-4, atol=1e-4)
+  dy = np.asarray(jax.random.normal(jax.random.key(1), y.shape))
+  dx, dkernel = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) * dy), argnums=(0, 1)))(
+      jnp.asarray(x, jnp.float32), jnp.asarray(kernel))
+  want_dx, want_dkernel = numpy_conv_gradients(x, kernel, stride, padding, dy)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize('ops_', ALL_OPS, ids=OPS_IDS)
+@pytest.mark.parametrize('kind,reduce,init,op', [('max', np.max, -np.inf, lax.max),
+                                                 ('avg', np.mean, 0.0, lax.add)])
+@pytest.mark.parametrize('window,stride', [(2, 2), (3, 3), (3, 2), (2, 1)])
+def test_pooling_values_and_gradients_match_lax_reduce_window(mnist, ops_, kind, reduce, init,
+                                                              op, window, stride):
+  """Values against NumPy windows; gradients against JAX's derivative of lax.reduce_window
+  (digits plus noise: no window with two equal maxima, where the two may pick differently)."""
+  noise = np.random.default_rng(0).normal(0, 1e-3, (3, 27, 28, 2))
+  x = (np.concatenate([mnist.test.images[:3, :27]] * 2, -1) / 255.0 + noise).astype(np.float32)
+
+  def reference(x):
+    y = lax.reduce_window(x, init, op, (1, window, window, 1), (1, stride, stride, 1), 'VALID')
+    return y / window**2 if kind == 'avg' else y
+
+  pool = lambda x: ops_.to_nhwc(ops_.pool2d(ops_.to_blocks(x), kind=kind, window=window,
+                                            stride=stride))
+  np.testing.assert_allclose(pool(x), numpy_pool(x, reduce, window, stride), rtol=1e-5,
+                             atol=1e-6)
+  dy = np.random.default_rng(1).normal(size=reference(x).shape).astype(np.float32)
+  got = jax.grad(lambda x: jnp.sum(pool(x) * dy))(x)
+  want = jax.grad(lambda x: jnp.sum(reference(x) * dy))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('config_module', [default, keras_convnet, best])
+def test_parameters_from_one_backend_give_the_same_logits_on_the_other(mnist, config_module):
+  """A checkpoint moves between CPU and GPU/TPU: same parameter tree, same function
+  (best.py: BatchNorm in the CPU kernels' CHWN layout against NHWC)."""
+  config = config_module.get_config()
+  config.model.ops = 'cpu'
+  cpu_model = train.build_model(config.model, axis_name=None)
+  config.model.ops = 'xla'
+  xla_model = train.build_model(config.model, axis_name=None)
+  x = jnp.asarray(mnist.test.images[:16] / 255.0, jnp.float32)
+  cpu_vars = cpu_model.init(jax.random.key(0), x)
+  xla_vars = xla_model.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_structure(cpu_vars) == jax.tree_util.tree_structure(xla_vars)
+  for a, b in zip(jax.tree_util.tree_leaves(cpu_vars), jax.tree_util.tree_leaves(xla_vars)):
+    np.testing.assert_array_equal(a, b)  # The same initialisation, too.
+  np.testing.assert_allclose(cpu_model.apply(cpu_vars, x), xla_model.apply(cpu_vars, x),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_kernels_and_library_ops_train_the_same_loss_curve_on_mnist(smoke_config, tmp_path):
+  """200 steps of the lesson's model, narrowed (dropout included: both draw the same masks)."""
+  smoke_config.data.num_train, smoke_config.num_epochs = 6400, 4
+  smoke_config.model.filters, smoke_config.model.hidden = (16,), (64,)
+  smoke_config.log_every_steps, smoke_config.progress = 10, False
+  curves = {}
+  for backend in ('cpu', 'xla'):
+    smoke_config.model.ops = backend
+    results = train.train_and_evaluate(smoke_config, str(tmp_path / backend))
+    records = workdir.read_jsonl(str(tmp_path / backend / 'metrics.jsonl'))
+    curves[backend] = np.array([r['train_loss'] for r in records if 'train_loss' in r])
+    curves[backend + ' test'] = results['test_accuracy']
+  assert len(curves['cpu']) == 20 and curves['cpu'][-1] < 0.5 * curves['cpu'][0]
+  np.testing.assert_allclose(curves['cpu'], curves['xla'], rtol=0.02, atol=0.005)
+  assert abs(curves['cpu test'] - curves['xla test']) < 0.005
