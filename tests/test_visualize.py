@@ -1,5 +1,6 @@
 """Figures, TensorBoard events, predict, the edge-filter demo and the Colab notebook."""
 
+import json
 import os
 import struct
 import subprocess
@@ -13,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO
 from configs import default
-from convnet import predict, train, visualize
+from convnet import inference, ops, predict, train, visualize
 from experiments import edge_filter
 
 
@@ -35,8 +36,9 @@ def png_size(path):
     return image.size
 
 
-def test_every_figure_is_written_at_its_size(trained_run):
-  paths = visualize.visualize(str(trained_run))
+def test_every_figure_is_written_at_its_size(trained_run, monkeypatch):
+  monkeypatch.setattr(train, 'load_data', lambda config: pytest.fail('training set loaded'))
+  paths = visualize.visualize(str(trained_run))  # From the workdir and the test split alone.
   names = [os.path.basename(p) for p in paths]
   assert names == ['filters.png', 'feature_maps.png', 'confusion_matrix.png',
                    'misclassified.png', 'curves.png']
@@ -51,6 +53,7 @@ def test_every_figure_is_written_at_its_size(trained_run):
 
 def test_feature_maps_follow_the_blocks_shapes(smoke_config, mnist):
   smoke_config.model.update(num_blocks=2, filters=(4, 8))
+  smoke_config.model.ops = 'xla'  # Every output computed (the CPU kernels may skip some).
   model = train.build_model(smoke_config.model, axis_name=None)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   _, state = model.apply(variables, mnist.test.images[:3] / 255.0, mutable=['intermediates'])
@@ -60,6 +63,27 @@ def test_feature_maps_follow_the_blocks_shapes(smoke_config, mnist):
       ('block 1 conv', (3, 14, 14, 8)), ('block 1 pool', (3, 7, 7, 8))]
   conv = maps[0][1]  # The pooled map is the max of each 2x2 window of the conv map.
   np.testing.assert_allclose(maps[1][1], conv.reshape(3, 14, 2, 14, 2, 4).max(axis=(2, 4)))
+
+
+def test_visualize_runs_the_trained_forward_pass_from_the_workdir_alone(trained_run, mnist,
+                                                                       monkeypatch):
+  """Logits as model.apply computes them with the run's own kernels; the feature maps from
+  the same parameters; the training set never read (only data.json's statistics)."""
+  monkeypatch.setattr(train, 'load_data', lambda config: pytest.fail('training set loaded'))
+  trained = inference.Trained(str(trained_run))
+  images = mnist.test.images[:50]
+  model = train.build_model(trained.config.model, axis_name=None)
+  assert trained.model.ops == model.ops and model.ops.backend == 'cpu'
+  # The statistics it normalised with: the training set's (num_train takes a prefix).
+  assert (trained.data['mean'], trained.data['std']) == (mnist.mean, mnist.std)
+  x = (images / 255.0 - mnist.mean) / mnist.std
+  np.testing.assert_allclose(trained.apply(images), model.apply(trained.variables, x),
+                             rtol=1e-5, atol=1e-5)
+  _, kept = trained.model.clone(ops=ops.Ops()).apply(trained.variables, x[:4],
+                                                      mutable=['intermediates'])
+  for a, b in zip(jax.tree_util.tree_leaves(kept),
+                  jax.tree_util.tree_leaves(trained.feature_maps(images[:4]))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_confusion_matrix_counts():
@@ -95,27 +119,99 @@ def test_tensorboard_events_hold_the_scalars_and_filter_images(trained_run):
   assert tags['filters/layer0'] == [('image', 128)]
 
 
-def test_predict_reads_pngs_like_mnist(trained_run, mnist, tmp_path):
-  paths, labels = [], []
-  for i in range(3):
+def drawing(digit: np.ndarray, seed: int) -> np.ndarray:
+  """An MNIST digit as a person's drawing: dark ink on white, 5x larger, off-centre on a
+  bigger canvas."""
+  rng = np.random.default_rng(seed)
+  big = np.asarray(Image.fromarray(digit).resize((140, 140), Image.Resampling.BILINEAR))
+  canvas = np.full((220, 260), 255, np.uint8)
+  top, left = rng.integers(0, 80), rng.integers(0, 120)
+  canvas[top:top + 140, left:left + 140] = 255 - big
+  return canvas
+
+
+def ink_box(image: np.ndarray) -> tuple[int, int]:
+  rows, cols = np.nonzero(image > 0.2 * image.max())
+  return rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+
+
+def test_mnist_preprocessing_crops_fits_20x20_and_centres_by_mass(mnist):
+  """Each step against a NumPy reference, on real digits drawn dark on white off-centre."""
+  for i in range(10):
     digit = mnist.test.images[i, ..., 0]
-    path = tmp_path / f'digit{i}.png'
-    Image.fromarray(digit).save(path)
-    paths.append(str(path))
-    # The same digit drawn dark on light and twice as large: converted back like MNIST.
-    big = tmp_path / f'digit{i}_big.png'
-    Image.fromarray(255 - digit).resize((56, 56)).save(big)
-    paths.append(str(big))
-    labels += [int(mnist.test.labels[i])] * 2
-  predictions = predict.predict(str(trained_run), paths)
-  assert [label for _, label, _ in predictions] == labels
-  assert all(0.5 < p <= 1 for _, _, p in predictions)
+    ink = predict.ink_on_black(Image.fromarray(drawing(digit, i)))
+    assert np.median(ink[0]) == 0 and ink.max() >= 250  # Inverted: ink bright, paper black.
+    out = predict.mnist_like(ink)
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    height, width = ink_box(out.astype(float))
+    assert max(height, width) in (19, 20, 21) and min(height, width) <= 21  # Fits 20x20.
+    want_h, want_w = ink_box(digit.astype(float))
+    assert abs(height / width - want_h / want_w) < 0.2 * (want_h / want_w)  # Aspect kept.
+    mass = out.astype(float)
+    com = [(mass.sum(axis=1 - a) @ np.arange(28)) / mass.sum() for a in (0, 1)]
+    assert np.allclose(com, 13.5, atol=0.75), com  # Centre of mass at the centre.
+
+
+def save_variants(digit: np.ndarray, directory, i: int) -> dict[str, str]:
+  """{kind: path} of the digit as an RGB drawing, as RGBA with the ink only in alpha, and
+  as a JPEG stored sideways with an EXIF orientation that puts it upright."""
+  paper = drawing(digit, i)
+  paths = {kind: str(directory / f'{i}_{kind}') for kind in ('rgb.png', 'alpha.png', 'exif.jpg')}
+  Image.fromarray(paper).convert('RGB').save(paths['rgb.png'])
+  rgba = np.zeros(paper.shape + (4,), np.uint8)
+  rgba[..., 3] = 255 - paper  # Black ink, transparent paper.
+  Image.fromarray(rgba, 'RGBA').save(paths['alpha.png'])
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "Rotate 90 CW to display": stored turned 90 degrees counter-clockwise.
+  Image.fromarray(paper).rotate(90, expand=True).save(paths['exif.jpg'], quality=95,
+                                                      exif=exif.tobytes())
+  return paths
+
+
+def test_predict_reads_drawings_as_well_as_the_digits_themselves(trained_run, mnist, tmp_path):
+  count = 30
+  digits, labels = mnist.test.images[:count], mnist.test.labels[:count]
+  direct = np.asarray(inference.Trained(str(trained_run)).apply(digits)).argmax(-1)
+  direct_right = np.mean(direct == labels)
+  (tmp_path / 'drawings').mkdir()
+  variants = [save_variants(digits[i, ..., 0], tmp_path / 'drawings', i) for i in range(count)]
+  for kind in ('rgb.png', 'alpha.png', 'exif.jpg'):
+    results = predict.predict(str(trained_run), [v[kind] for v in variants])
+    right = np.mean([r['label'] for r in results] == labels)
+    assert right >= direct_right - 0.1, (kind, right, direct_right)
+  assert results[0]['top3'][0] == [results[0]['label'], results[0]['probability']]
+  assert len(results[0]['top3']) == 3
+  # A plain resize reads these drawings far worse: the preprocessing is what helps.
+  resized = predict.predict(str(trained_run), [v['rgb.png'] for v in variants], 'resize')
+  assert np.mean([r['label'] for r in resized] == labels) < direct_right - 0.2
+
+
+def test_predict_command_reads_directories_and_names_bad_files(trained_run, mnist, tmp_path):
+  drawings = tmp_path / 'drawings'
+  drawings.mkdir()
+  save_variants(mnist.test.images[0, ..., 0], drawings, 0)
+  command = [sys.executable, '-m', 'convnet.predict', '--workdir', str(trained_run)]
+  done = subprocess.run(command + ['--json', str(drawings)], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  rows = json.loads(done.stdout)
+  assert [os.path.basename(r['path']) for r in rows] == ['0_alpha.png', '0_exif.jpg',
+                                                          '0_rgb.png']
+  assert 'orbax' not in done.stderr.lower() and 'INFO' not in done.stderr
+  assert predict.table(rows).splitlines()[0].split() == ['path', 'label', 'probability',
+                                                          'top', '3']
   (tmp_path / 'broken.png').write_bytes(b'not a png')
-  done = subprocess.run([sys.executable, '-m', 'convnet.predict', '--workdir', str(trained_run),
-                         paths[0], str(tmp_path / 'broken.png')], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
-  assert done.returncode == 1
-  assert 'broken.png: not a readable image' in done.stderr and 'Traceback' not in done.stderr
+  done = subprocess.run(command + [str(drawings / '0_rgb.png'), str(tmp_path / 'broken.png')],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and 'broken.png: not a readable image' in done.stderr
+  assert 'Traceback' not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+  Image.new('L', (8000, 7000)).save(tmp_path / 'huge.png')
+  Image.new('L', (40, 40), 255).save(tmp_path / 'blank.png')
+  for name, message in [('huge.png', 'huge.png: 8000x7000 pixels is more than'),
+                        ('blank.png', 'blank.png: no ink found'),
+                        ('missing.png', 'missing.png: file not found')]:
+    with pytest.raises(predict.ImageError, match=message):
+      predict.predict(str(trained_run), [str(drawings / '0_rgb.png'), str(tmp_path / name)])
 
 
 def test_edge_filters_light_up_strokes_and_pool_2x2(mnist):
