@@ -11,9 +11,11 @@ An experiment file (experiments/*.py) has `get_config()` (the base) and
     python -m convnet.sweep --config experiments/filters_kernel.py --workdir runs/fk \
         [--config.num_epochs=1] [--num_workers=N --worker_index=K]
 
-Each point's workdir is named after its overrides. A point with a results.json is
-skipped, an unfinished one resumes from its checkpoint, so rerunning the command
-finishes a sweep. Worker K of N runs points K, K+N, K+2N, ...: any scheduler
+Each point's workdir is named after its overrides. Every point is checked before the
+first trains (config, shapes, directory name). A point with a results.json is skipped
+if it was trained with the same config and data (else the sweep is refused, naming
+the point and the differences), an unfinished one resumes from its checkpoint, so
+rerunning the command finishes a sweep. Worker K of N runs points K, K+N, K+2N, ...: any scheduler
 (Slurm arrays, several Colab sessions) can split a sweep over a shared filesystem.
 """
 
@@ -100,6 +102,41 @@ def expand(base, points: list[dict], available_devices: int) -> list[tuple[str, 
   return expanded
 
 
+def check_points(expanded: list[tuple[str, object]], sweep_dir: str) -> None:
+  """Before any point trains: each point's directory is one safe name inside sweep_dir,
+  its model fits its data, and a finished point was trained with this config and data
+  (else its row would mix into the table as if it were)."""
+  datasets = {}
+  for name, config in expanded:
+    if (name != os.path.basename(name) or name.startswith('.') or '\0' in name
+        or len(name.encode()) > 255):
+      raise config_lib.ConfigError(
+          f'sweep point {name[:100]!r}: its directory name must be one path component (no '
+          f'"/", not starting with ".") of at most 255 bytes; shorten or change its values')
+    data_key = (config.data.source, config.data.dir, config.data.name, config.data.num_train,
+                config.model.num_classes)
+    if data_key not in datasets:
+      data = train.load_data(config)
+      datasets[data_key] = (data, workdir.data_record(data, config))
+    data, record = datasets[data_key]
+    try:
+      train.check_data(config, data)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f'sweep point {name}: {e}') from e
+    point_dir = os.path.join(sweep_dir, name)
+    if os.path.exists(os.path.join(point_dir, 'results.json')):
+      saved_data = os.path.join(point_dir, 'data.json')
+      diff = workdir.config_diff(workdir.read_json(os.path.join(point_dir, 'config.json')),
+                                 config.to_dict())
+      if os.path.exists(saved_data):
+        diff += workdir.data_diff(workdir.read_json(saved_data), record)
+      if diff:
+        raise workdir.ConfigMismatchError(
+            f'sweep point {name} finished with another config or data:\n  '
+            + '\n  '.join(diff) + f'\nuse a new --workdir, or remove {point_dir} to retrain '
+            'that point')
+
+
 def load_sweep(path: str) -> list[dict]:
   """get_sweep() of an experiment file (given as for --config, an optional ':arg' ignored)."""
   path = path.split(':')[0]
@@ -128,6 +165,7 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   import jax  # pylint: disable=import-outside-toplevel
   expanded = expand(base, points, jax.local_device_count())
   share = worker_share(len(expanded), num_workers, worker_index)
+  check_points(expanded, sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
   workdir.write_json(os.path.join(sweep_dir, SWEEP_FILE),
                      [{'name': name, 'overrides': overrides}

@@ -30,7 +30,7 @@ def block_output_shapes(model, x) -> list[tuple[int, int]]:
     return y
 
   with nn.intercept_methods(record):
-    model.init(jax.random.key(0), x)
+    jax.eval_shape(model.init, jax.random.key(0), x)  # Traced, not run: shapes are enough.
   return seen
 
 
@@ -165,8 +165,9 @@ def test_a_pool_registered_from_outside_trains_with_the_shapes_the_planner_says(
   np.testing.assert_allclose(model.apply(variables, x),
                              model.clone(ops=ops.Ops('xla')).apply(variables, x),
                              rtol=1e-4, atol=1e-4)
-  results = train.train_and_evaluate(smoke_config, str(tmp_path / pool))
-  assert results['test_accuracy'] > 0.6  # 64 steps of a small net: it learns.
+  if pool == 'l2':  # And it trains, through the whole CLI path's function.
+    results = train.train_and_evaluate(smoke_config, str(tmp_path / pool))
+    assert results['test_accuracy'] > 0.6  # 64 steps of a small net: it learns.
 
 
 def test_a_pool_without_an_output_size_rule_is_refused_naming_it(smoke_config):

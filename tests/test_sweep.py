@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, fingerprint
 from convnet import config_lib, report, sweep, workdir
 
 
@@ -116,6 +116,37 @@ def test_a_killed_sweep_reruns_only_the_missing_points_and_reports_them(tmp_path
                           str(sweep_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert again.returncode == 0, again.stderr
   assert (sweep_dir / 'results.md').read_text().splitlines() == markdown
+
+
+def test_every_point_is_checked_before_the_first_trains(smoke_config, tmp_path):
+  """A bad later point (a kernel larger than its input, a name leaving the sweep
+  directory) stops the sweep before anything is written."""
+  smoke_config.data.num_train = 256
+  for points, message in [
+      (sweep.values('model.kernel_size', [3, 29]),
+       r'sweep point model.kernel_size=29: model.kernel_size: block 0 has a 29x29 kernel'),
+      (sweep.values('data.name', ['mnist', '../../../ESCAPED']),
+       r"sweep point 'data.name=../../../ESCAPED': its directory name must be one path"),
+      (sweep.values('model.hidden', [(8,), (128,) * 90]), r'at most 255 bytes')]:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      sweep.run(smoke_config, points, str(tmp_path / 'sweep'))
+    assert not (tmp_path / 'sweep').exists() and not (tmp_path / 'ESCAPED').exists()
+
+
+def test_a_finished_point_of_another_config_is_refused_not_mixed_in(smoke_config, tmp_path):
+  smoke_config.data.num_train, smoke_config.progress = 256, False
+  points = sweep.values('model.filters', [4])
+  sweep_dir = tmp_path / 'sweep'
+  sweep.run(smoke_config, points, str(sweep_dir))
+  before = fingerprint(sweep_dir)
+  smoke_config.num_epochs = 2
+  with pytest.raises(workdir.ConfigMismatchError,
+                     match=r'sweep point model.filters=4 finished with another config or '
+                           r'data:\n  num_epochs: 1 -> 2'):
+    sweep.run(smoke_config, points, str(sweep_dir))
+  assert fingerprint(sweep_dir) == before
+  smoke_config.num_epochs, smoke_config.log_every_steps = 1, 7  # Does not change results.
+  assert [r['status'] for r in sweep.run(smoke_config, points, str(sweep_dir))] == ['done']
 
 
 def test_report_pools_seed_points_and_marks_pending_ones(tmp_path):
