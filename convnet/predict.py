@@ -55,6 +55,11 @@ def read_image(path: str):
       raise ImageError(f'{path}: not a readable image ({e})') from e
 
 
+def border(pixels: np.ndarray) -> np.ndarray:
+  """The outermost rows and columns: where a drawing's background shows."""
+  return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
 def ink_on_black(image) -> np.ndarray:
   """float [h, w] in [0, 255]: grey levels with the background dark and the ink bright.
 
@@ -68,16 +73,14 @@ def ink_on_black(image) -> np.ndarray:
   if alpha.min() < 1.0:
     ink = (grey * alpha).sum() / max(alpha.sum(), 1e-9)
     grey = grey * alpha + (255.0 if ink < 128 else 0.0) * (1.0 - alpha)
-  border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-  return 255.0 - grey if np.median(border) > 127 else grey
+  return 255.0 - grey if np.median(border(grey)) > 127 else grey
 
 
 def mnist_like(ink: np.ndarray, path: str = 'image') -> np.ndarray:
   """uint8 [28, 28]: the ink's bounding box fitted into 20x20 (aspect kept), placed in
   28x28 by its centre of mass, as MNIST's digits were."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  ink = np.clip(ink - np.median(np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])),
-                0, None)
+  ink = np.clip(ink - np.median(border(ink)), 0, None)
   if ink.max() <= 0:
     raise ImageError(f'{path}: no ink found (a blank image)')
   rows, cols = np.nonzero(ink > 0.2 * ink.max())
