@@ -116,7 +116,7 @@ def test_parameters_from_one_backend_give_the_same_logits_on_the_other(mnist, co
 
 def test_cpu_kernels_and_library_ops_train_the_same_loss_curve_on_mnist(smoke_config, tmp_path):
   """200 steps of the lesson's model, narrowed (dropout included: both draw the same masks)."""
-  smoke_config.data.num_train, smoke_config.num_epochs = 6400, 4
+  smoke_config.data.num_train, smoke_config.num_epochs = 25600, 1  # One test pass each.
   smoke_config.model.filters, smoke_config.model.hidden = (16,), (64,)
   smoke_config.log_every_steps, smoke_config.progress = 10, False
   curves = {}
