@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convnet import config_lib, parallel, peers, train, workdir
+from convnet import config_lib, ops, parallel, peers, train, workdir
 from convnet.cpu import memory
 
 
@@ -227,7 +227,7 @@ def provenance(config_file: str, config) -> dict:
                             text=True, check=True, timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     commit = ''
-  return {'config': config_file, 'ops': train.build_model(config.model).ops.backend,
+  return {'config': config_file, 'ops': ops.resolve(config.model.ops),
           'commit': commit,
           'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M')}
 
