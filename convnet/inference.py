@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convnet import checkpoint, input_pipeline, ops, train
+from convnet import checkpoint, input_pipeline, models, train
 from convnet import workdir as workdir_lib
 
 
@@ -41,13 +41,10 @@ class Trained:
     """Logits for uint8 [n, h, w, c] images, as the trained model computes them."""
     return self.model.apply(self.variables, self.normalize(images))
 
-  def feature_maps(self, images: np.ndarray):
-    """The sown conv and pool outputs of every block, computed whole by the library ops
-    (the CPU kernels may skip outputs the next block does not read); same parameters."""
-    whole = self.model.clone(ops=ops.Ops())
-    _, state = whole.apply(self.variables, self.normalize(images), mutable=['intermediates'])
-    return state['intermediates']
-
+  def feature_maps(self, images: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """[(name, [n, h, w, c])] after each block's conv and pooling (models.feature_maps)."""
+    return [(name, np.asarray(fmap)) for name, fmap in
+            models.feature_maps(self.model, self.variables, self.normalize(images))]
 
 def read_record(workdir: str, name: str) -> dict:
   """A run's JSON record, or FileNotFoundError naming it."""

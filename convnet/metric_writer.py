@@ -2,8 +2,12 @@
 
 metrics.jsonl stays the machine-readable record (sweep tables are built from it);
 TensorBoard events (tensorboardX, no TensorFlow needed) go to workdir/tensorboard,
-so `tensorboard --logdir runs` shows them; the tqdm bar shows the current epoch on
-a terminal and stays silent otherwise.
+so `tensorboard --logdir runs` shows them: scalars, every conv layer's filters at each
+epoch, and at the end a few test images' feature maps, the confusion matrix and the
+hparams plugin's record (the flattened config and the final metrics) in
+workdir/tensorboard/hparams. The images are built with NumPy here (upscaled cells with
+gaps), so writing them costs no plotting. The tqdm bar shows the current epoch on a
+terminal and stays silent otherwise.
 """
 
 import os
@@ -75,15 +79,99 @@ class MetricWriter:
       self.bar = None
 
   def filters(self, params, step: int) -> None:
-    """The first conv layer's filters as TensorBoard images (mean over input channels)."""
+    """Every conv layer's filters, one grid image per layer."""
     if not self.enabled:
       return
-    kernel = np.asarray(params['ConvBlock_0']['kernel']).mean(axis=2)  # [kh, kw, out]
-    scale = np.abs(kernel).max() or 1.0
-    images = (kernel.transpose(2, 0, 1)[:, None] / scale + 1) / 2  # [out, 1, kh, kw] in [0, 1]
-    self.summary.add_images('filters/layer0', images, step, dataformats='NCHW')
+    for i in range(sum(name.startswith('ConvBlock_') for name in params)):
+      self.summary.add_image(f'filters/layer{i}', filter_grid(
+          np.asarray(params[f'ConvBlock_{i}']['kernel']), rgb=i == 0), step, dataformats='HWC')
+
+  def end_of_run(self, step: int, maps, confusion: np.ndarray, hparams: dict,
+                 metrics: dict) -> None:
+    """Feature maps of a few test images, the test confusion matrix, and the run's
+    hyperparameters with its final metrics for TensorBoard's HParams view."""
+    if not self.enabled:
+      return
+    for name, fmap in maps:
+      self.summary.add_image(f'feature_maps/{name.replace(" ", "_")}', map_grid(fmap), step,
+                             dataformats='HW')
+    self.summary.add_image('eval/confusion_matrix', heatmap(confusion), step, dataformats='HWC')
+    self.summary.add_hparams(hparams, {f'hparams/{k}': v for k, v in metrics.items()},
+                             name='hparams', global_step=step)
 
   def close(self) -> None:
     self.end_epoch()
     if self._summary is not None:
       self._summary.close()
+
+
+def upscale(images: np.ndarray, cell: int) -> np.ndarray:
+  """[n, h, w, ...] -> each image repeated to at least `cell` pixels on its longer side."""
+  factor = max(1, -(-cell // max(images.shape[1:3])))
+  return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def tile(images: np.ndarray, columns: int, gap: int = 2, background: float = 0.3) -> np.ndarray:
+  """[n, h, w, ...] -> one [rows * (h + gap) - gap, columns * (w + gap) - gap, ...] image."""
+  n, h, w = images.shape[:3]
+  rows = -(-n // columns)
+  grid = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, *images.shape[3:]),
+                 background, np.float32)
+  for i, image in enumerate(images):
+    r, c = divmod(i, columns)
+    grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = image
+  return grid
+
+
+def diverging(values: np.ndarray) -> np.ndarray:
+  """Values in [-1, 1] -> RGB in [0, 1]: blue for negative, white for 0, red for positive."""
+  v = np.clip(values, -1, 1)[..., None]
+  red, blue = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])
+  return np.where(v >= 0, 1 - v * (1 - red), 1 + v * (1 - blue)).astype(np.float32)
+
+
+def filter_grid(kernel: np.ndarray, rgb: bool = False, cell: int = 24) -> np.ndarray:
+  """A conv kernel [kh, kw, in, out] as one [H, W, 3] image: a cell per filter, gaps
+  between cells, one colour scale shared by all filters of the layer. Three input
+  channels with `rgb` show as colours (mid-grey is 0); otherwise the mean over input
+  channels, blue negative and red positive."""
+  scale = np.abs(kernel).max() or 1.0
+  filters = np.moveaxis(kernel, -1, 0) / scale  # [out, kh, kw, in] in [-1, 1]
+  if rgb and kernel.shape[2] == 3:
+    images = (filters + 1) / 2
+  else:
+    images = diverging(filters.mean(axis=-1))
+  return tile(upscale(images, cell), columns=min(16, len(images)))
+
+
+def map_grid(fmap: np.ndarray, channels: int = 8, cell: int = 48) -> np.ndarray:
+  """Feature maps [n, h, w, c] as one grey image: a row per image, its first `channels`
+  channels across, each scaled to its own range (a map's pattern, not its size, shows)."""
+  maps = np.moveaxis(np.asarray(fmap, np.float32)[..., :channels], -1, 1)  # [n, c, h, w]
+  low = maps.min(axis=(2, 3), keepdims=True)
+  span = maps.max(axis=(2, 3), keepdims=True) - low
+  maps = (maps - low) / np.where(span > 0, span, 1)
+  columns = maps.shape[1]
+  return tile(upscale(maps.reshape(-1, *maps.shape[2:]), cell), columns=columns)
+
+
+def heatmap(matrix: np.ndarray, cell: int = 24) -> np.ndarray:
+  """A count matrix (rows true, columns predicted) as an [H, W, 3] image, white at 0 to
+  dark blue at the largest count on a log scale, so a few mistakes stay visible."""
+  shade = np.log1p(matrix) / (np.log1p(matrix.max()) or 1.0)
+  blue = np.array([0.03, 0.19, 0.42])
+  cells = 1 - shade[..., None] * (1 - blue)  # [rows, columns, 3]
+  return tile(upscale(cells.reshape(-1, 1, 1, 3), cell), columns=matrix.shape[1], gap=1,
+              background=0.8)
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """A nested config dict -> {'model.filters': ...}, each value a bool, number or string
+  (what the hparams plugin takes; sequences and None as their text)."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value if isinstance(value, (bool, int, float, str)) else str(value)
+  return flat

@@ -136,3 +136,16 @@ class ConvNet(nn.Module):
 
 def count_params(params) -> int:
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def feature_maps(model: ConvNet, variables, x) -> list[tuple[str, jax.Array]]:
+  """[(name, [n, h, w, c])] after each block's conv (and activation) and its pooling.
+
+  Computed whole by the library ops on the same parameters: the CPU kernels may skip
+  conv outputs that the next block does not read.
+  """
+  whole = model.clone(ops=Ops())
+  _, state = jax.jit(lambda v, x: whole.apply(v, x, mutable=['intermediates']))(variables, x)
+  blocks = state['intermediates']
+  return [(f'block {i} {kind}', blocks[f'ConvBlock_{i}'][kind][0])
+          for i in range(len(blocks)) for kind in ('conv', 'pool')]

@@ -104,17 +104,20 @@ def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
 
 
 def eval_step(state: TrainState, batch):
-  """Summed loss and correct count over the real (mask=True) examples of a batch.
+  """Summed loss, correct count and confusion matrix (true x predicted) over the real
+  (mask=True) examples of a batch.
 
   Sums, not means, so a padded last batch and any number of devices add up exactly.
   """
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                           batch['image'], train=False)
-  mask = batch['mask']
-  sums = {'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
-          'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
-          'count': jnp.sum(mask)}
-  return sums
+  mask, predictions = batch['mask'], jnp.argmax(logits, -1)
+  num_classes = logits.shape[-1]
+  return {'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
+          'correct': jnp.sum((predictions == batch['label']) * mask),
+          'count': jnp.sum(mask),
+          'confusion': jnp.zeros((num_classes, num_classes), jnp.int32).at[
+              batch['label'], predictions].add(mask.astype(jnp.int32))}
 
 
 def seed_keys(seed: int, num_seeds: int):
@@ -168,14 +171,17 @@ def make_evaluate(mean: float, std: float):
   """A function summing eval_step over this device's [steps, batch, ...] test shard, per seed."""
 
   def evaluate(state, images, labels, mask):
-    def body(sums, batch):
+    def sums_of(batch):
       image, label, m = batch
-      step_sums = eval_step(state, {'image': input_pipeline.normalize(image, mean, std),
-                                    'label': label, 'mask': m})
-      return jax.tree_util.tree_map(jnp.add, sums, step_sums), None
+      return eval_step(state, {'image': input_pipeline.normalize(image, mean, std),
+                               'label': label, 'mask': m})
 
-    zeros = {'loss': 0.0, 'correct': 0, 'count': 0}
-    zeros = jax.tree_util.tree_map(jnp.asarray, zeros)
+    def body(sums, batch):
+      return jax.tree_util.tree_map(jnp.add, sums, sums_of(batch)), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], (images, labels, mask))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(sums_of, first))
     sums, _ = lax.scan(body, zeros, (images, labels, mask))
     return lax.psum(sums, AXIS)
 
@@ -442,7 +448,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 'test_count': int(sums['count'][0]),
                 'time_s': earlier_wall_time + time.time() - run_start}  # Since the start.
       seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
-      return seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
+      seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
+      return record, sums['confusion'][0]  # Seed 0's, as the figures show seed 0.
 
     def save():
       if writer:
@@ -486,8 +493,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       out.write(record)
       step = end
       if step % steps_per_epoch == 0:
-        test = run_evaluation()
+        test, confusion = run_evaluation()
         out.write(test)
+        out.filters(jax.tree_util.tree_map(lambda x: x[0], state.params), step)
         out.end_epoch()
         losses = np.concatenate([m['loss'] for m in epoch_metrics], axis=1)
         accuracies = np.concatenate([m['accuracy'] for m in epoch_metrics], axis=1)
@@ -503,26 +511,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if stop_requested:
         raise Interrupted(f'{stop_requested[0]} at step {step}: checkpoint saved in '
                           f'{checkpoints.directory}; rerun the same command to resume')
-    out.filters(jax.tree_util.tree_map(lambda x: x[0], state.params), step)
-
-  if test is None or test['step'] != step:
-    test = run_evaluation()
-  results = {**{k: v for k, v in test.items() if k.startswith('test_')},  # Last epoch's.
-             'num_seeds': config.num_seeds,
-             'seeds': [config.seed + i for i in range(config.num_seeds)],
-             'num_params': num_params, 'flops_per_image': flops_per_image,
-             'num_epochs': config.num_epochs, 'train_time_s': train_time,
-             'compile_time_s': compile_time,
-             'train_images_per_s': config.num_epochs * steps_per_epoch * config.batch_size
-                                   * config.num_seeds / max(train_time, 1e-9),
-             'wall_time_s': earlier_wall_time + time.time() - run_start,
-             'num_devices': num_devices, 'device_kind': devices[0].device_kind}
-  if 'test_accuracy_per_seed' in test:
-    results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
-  if writer:
-    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
+    if test is None or test['step'] != step:
+      test, confusion = run_evaluation()
+    results = {**{k: v for k, v in test.items() if k.startswith('test_')},  # Last epoch's.
+               'num_seeds': config.num_seeds,
+               'seeds': [config.seed + i for i in range(config.num_seeds)],
+               'num_params': num_params, 'flops_per_image': flops_per_image,
+               'num_epochs': config.num_epochs, 'train_time_s': train_time,
+               'compile_time_s': compile_time,
+               'train_images_per_s': config.num_epochs * steps_per_epoch * config.batch_size
+                                     * config.num_seeds / max(train_time, 1e-9),
+               'wall_time_s': earlier_wall_time + time.time() - run_start,
+               'num_devices': num_devices, 'device_kind': devices[0].device_kind}
+    if 'test_accuracy_per_seed' in test:
+      results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
+    if writer:
+      seed0 = jax.tree_util.tree_map(lambda x: x[0], state)
+      examples = data.test.images[[int(np.flatnonzero(data.test.labels == label)[0])
+                                   for label in np.unique(data.test.labels)[:4]]]
+      out.end_of_run(
+          step, maps=models.feature_maps(
+              model, {'params': seed0.params, 'batch_stats': seed0.batch_stats},
+              input_pipeline.normalize(jnp.asarray(examples), data.mean, data.std)),
+          confusion=np.asarray(confusion), hparams=metric_writer.flatten(config.to_dict()),
+          metrics={k: results[k] for k in FINAL_METRICS if k in results})
+      workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)  # Last: done.
   log(summary_line(results, workdir), flush=True)
   return results
+
+
+FINAL_METRICS = ('test_accuracy', 'test_loss', 'test_accuracy_std', 'train_images_per_s')
 
 
 def summary_line(results: dict, workdir: str) -> str:

@@ -13,22 +13,11 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from convnet import inference, input_pipeline
+from convnet import inference, input_pipeline, train
 from convnet import workdir as workdir_lib
-
-
-def feature_maps(intermediates) -> list[tuple[str, np.ndarray]]:
-  """[(name, [n, h, w, c])] after each conv (after its activation) and each pooling."""
-  maps = []
-  for block in sorted(intermediates, key=lambda name: int(name.split('_')[-1])):
-    i = int(block.split('_')[-1])
-    maps.append((f'block {i} conv', np.asarray(intermediates[block]['conv'][0])))
-    maps.append((f'block {i} pool', np.asarray(intermediates[block]['pool'][0])))
-  return maps
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int):
@@ -182,7 +171,7 @@ def visualize(workdir: str, num_digits: int = 4) -> list[str]:
   return [
       plot_filters(os.path.join(out, 'filters.png'), trained.variables['params']),
       plot_feature_maps(os.path.join(out, 'feature_maps.png'), digits,
-                        feature_maps(trained.feature_maps(digits))),
+                        trained.feature_maps(digits)),
       plot_confusion_matrix(os.path.join(out, 'confusion_matrix.png'), confusion_matrix(
           test.labels, probabilities.argmax(-1), config.model.num_classes)),
       plot_misclassified(os.path.join(out, 'misclassified.png'), test.images, test.labels,

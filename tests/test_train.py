@@ -190,6 +190,9 @@ def test_evaluation_counts_every_test_image_once(smoke_config, mnist, num_device
     assert int(sums['correct'][seed]) == int(jnp.sum(jnp.argmax(logits, -1) == mnist.test.labels))
     np.testing.assert_allclose(sums['loss'][seed] / 10000, train.cross_entropy(
         logits, mnist.test.labels).mean(), rtol=1e-4)
+    confusion = np.zeros((10, 10), np.int64)  # Rows true, columns predicted; padding unseen.
+    np.add.at(confusion, (mnist.test.labels, np.asarray(jnp.argmax(logits, -1))), 1)
+    np.testing.assert_array_equal(sums['confusion'][seed], confusion)
   assert sums['correct'][0] != sums['correct'][1]  # Two different models were evaluated.
 
 

@@ -1,5 +1,6 @@
 """Figures, TensorBoard events, predict, the edge-filter demo and the Colab notebook."""
 
+import io
 import json
 import os
 import struct
@@ -14,7 +15,7 @@ from PIL import Image
 
 from conftest import REPO
 from configs import default
-from convnet import inference, ops, predict, train, visualize
+from convnet import inference, metric_writer, models, ops, predict, train, visualize
 from experiments import edge_filter
 
 
@@ -52,16 +53,15 @@ def test_every_figure_is_written_at_its_size(trained_run, monkeypatch):
 
 
 def test_feature_maps_follow_the_blocks_shapes(smoke_config, mnist):
-  smoke_config.model.update(num_blocks=2, filters=(4, 8))
-  smoke_config.model.ops = 'xla'  # Every output computed (the CPU kernels may skip some).
+  """Whole maps even from a model on the CPU kernels (which skip outputs nothing reads)."""
+  smoke_config.model.update(num_blocks=2, filters=(4, 8), ops='cpu')
   model = train.build_model(smoke_config.model, axis_name=None)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-  _, state = model.apply(variables, mnist.test.images[:3] / 255.0, mutable=['intermediates'])
-  maps = visualize.feature_maps(state['intermediates'])
+  maps = models.feature_maps(model, variables, mnist.test.images[:3] / 255.0)
   assert [(name, m.shape) for name, m in maps] == [
       ('block 0 conv', (3, 28, 28, 4)), ('block 0 pool', (3, 14, 14, 4)),
       ('block 1 conv', (3, 14, 14, 8)), ('block 1 pool', (3, 7, 7, 8))]
-  conv = maps[0][1]  # The pooled map is the max of each 2x2 window of the conv map.
+  conv = np.asarray(maps[0][1])  # The pooled map is the max of each 2x2 window of the conv map.
   np.testing.assert_allclose(maps[1][1], conv.reshape(3, 14, 2, 14, 2, 4).max(axis=(2, 4)))
 
 
@@ -81,9 +81,12 @@ def test_visualize_runs_the_trained_forward_pass_from_the_workdir_alone(trained_
                              rtol=1e-5, atol=1e-5)
   _, kept = trained.model.clone(ops=ops.Ops()).apply(trained.variables, x[:4],
                                                       mutable=['intermediates'])
-  for a, b in zip(jax.tree_util.tree_leaves(kept),
-                  jax.tree_util.tree_leaves(trained.feature_maps(images[:4]))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  maps = trained.feature_maps(images[:4])
+  assert len(maps) == 2 * len(kept['intermediates'])
+  for name, fmap in maps:
+    _, block, kind = name.split()
+    np.testing.assert_allclose(fmap, kept['intermediates'][f'ConvBlock_{block}'][kind][0],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_confusion_matrix_counts():
@@ -92,31 +95,85 @@ def test_confusion_matrix_counts():
                                 [[1, 0, 0], [0, 1, 1], [1, 0, 2]])
 
 
-def read_scalar_tags(directory):
-  """Scalar tags in TensorBoard event files, read as TFRecords without TensorFlow."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
-  tags = {}
-  for name in os.listdir(directory):
-    data = (directory / name).read_bytes()
-    offset = 0
+def read_events(directory):
+  """{tag: [(step, value)]} from every TensorBoard event file under directory, read as
+  TFRecords without TensorFlow: a scalar's float, an image's decoded array, or the hparams
+  plugin's data."""
+  from tensorboardX.proto import event_pb2, plugin_hparams_pb2  # pylint: disable=import-outside-toplevel
+  events = {}
+  for path in sorted(directory.rglob('events.out.tfevents.*')):
+    data, offset = path.read_bytes(), 0
     while offset < len(data):
       (length,) = struct.unpack('<Q', data[offset:offset + 8])
       event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
       offset += 12 + length + 4
       for value in event.summary.value:
-        kind = 'image' if value.HasField('image') else 'scalar'
-        tags.setdefault(value.tag, []).append((kind, event.step))
-  return tags
+        if value.HasField('image'):
+          with Image.open(io.BytesIO(value.image.encoded_image_string)) as image:
+            assert image.size == (value.image.width, value.image.height)
+            content = np.asarray(image)
+        elif value.metadata.plugin_data.plugin_name == 'hparams':
+          content = plugin_hparams_pb2.HParamsPluginData.FromString(
+              value.metadata.plugin_data.content)
+        else:
+          content = value.simple_value
+        events.setdefault(value.tag, []).append((event.step, content))
+  return events
 
 
-def test_tensorboard_events_hold_the_scalars_and_filter_images(trained_run):
-  tags = read_scalar_tags(trained_run / 'tensorboard')
+def test_tensorboard_holds_scalars_filter_grids_end_images_and_hparams(trained_run, mnist):
+  events = read_events(trained_run / 'tensorboard')
   for tag in ('train/loss', 'train/accuracy', 'eval/loss', 'eval/accuracy', 'learning_rate',
               'images_per_s'):
-    assert tag in tags, tag
-  assert [step for _, step in tags['eval/accuracy']] == [64, 128]
-  assert [step for _, step in tags['train/loss']] == [64, 128]  # log_every_steps=100 > epoch
-  assert tags['filters/layer0'] == [('image', 128)]
+    assert tag in events, tag
+  assert [step for step, _ in events['eval/accuracy']] == [64, 128]
+  assert [step for step, _ in events['train/loss']] == [64, 128]  # log_every_steps=100 > epoch
+  # 32 3x3 filters at each epoch: 2 rows of 16 cells of 24x24 pixels, 2-pixel gaps.
+  assert [(step, grid.shape) for step, grid in events['filters/layer0']] == [
+      (64, (50, 414, 3)), (128, (50, 414, 3))]
+  # At the end: 4 test digits x 8 channels of each map, each map 56x56 pixels.
+  trained = inference.Trained(str(trained_run))
+  digits = mnist.test.images[[int(np.flatnonzero(mnist.test.labels == d)[0]) for d in range(4)]]
+  for name, fmap in trained.feature_maps(digits):
+    [(step, grid)] = events[f'feature_maps/{name.replace(" ", "_")}']
+    assert (step, grid.shape) == (128, (230, 462, 3))
+    last = fmap[3, :, :, 7]  # The last digit's 8th channel, scaled to its range.
+    last = (last - last.min()) / (last.max() - last.min())
+    factor = 56 // len(last)
+    np.testing.assert_allclose(grid[-56:, -56:, 0] / 255, np.kron(last, np.ones((factor, factor))),
+                               atol=1.5 / 255)
+  # The confusion matrix: 10x10 cells of 24 pixels, the trained model's test predictions.
+  [(step, image)] = events['eval/confusion_matrix']
+  predictions = np.concatenate([np.asarray(trained.apply(mnist.test.images[i:i + 2000])).argmax(-1)
+                                for i in range(0, 10000, 2000)])
+  expected = metric_writer.heatmap(visualize.confusion_matrix(mnist.test.labels, predictions, 10))
+  assert (step, image.shape) == (128, (249, 249, 3))
+  np.testing.assert_allclose(image / 255, expected, atol=1.5 / 255)
+  # The hparams plugin: the flattened config at the start, the final metrics at the end.
+  [(_, start)] = events['_hparams_/session_start_info']
+  hparams = start.session_start_info.hparams
+  assert hparams['num_epochs'].number_value == 2
+  assert hparams['model.pool'].string_value == "('max',)"  # Per-block tuples as text.
+  assert hparams['data.num_train'].number_value == 8192
+  assert hparams['model.filters'].string_value == '(32,)'
+  results = json.loads((trained_run / 'results.json').read_text())
+  assert events['hparams/test_accuracy'] == [(128, pytest.approx(results['test_accuracy']))]
+  [(_, experiment)] = events['_hparams_/experiment']
+  assert {m.name.tag for m in experiment.experiment.metric_infos} == {
+      'hparams/test_accuracy', 'hparams/test_loss', 'hparams/train_images_per_s'}
+
+
+def test_filter_grid_cells_gaps_and_shared_scale():
+  kernel = np.zeros((2, 2, 1, 3), np.float32)
+  kernel[0, 0, 0, 0], kernel[1, 1, 0, 2] = 0.5, -2.0  # Filter 2 sets the scale for all.
+  grid = metric_writer.filter_grid(kernel, cell=4)
+  assert grid.shape == (4, 3 * 4 + 2 * 2, 3)  # 3 cells of 4x4 pixels (2x upscale), gaps.
+  np.testing.assert_allclose(grid[:2, :2], [[[1, 0.75, 0.75]] * 2] * 2)  # 0.5 / 2: light red
+  np.testing.assert_allclose(grid[2:, 14:], [[[0, 0, 1]] * 2] * 2)  # -2 / 2: full blue
+  np.testing.assert_allclose(grid[:, 4:6], 0.3)  # A gap
+  np.testing.assert_allclose(grid[:, 6:10], 1.0)  # An all-zero filter is white
+  rgb = metric_writer.filter_grid(np.ones((3, 3, 3, 2)), rgb=True)
+  np.testing.assert_allclose(rgb[:24, :24], 1.0)  # Three input channels as colours.
 
 
 def drawing(digit: np.ndarray, seed: int) -> np.ndarray:
