@@ -1,12 +1,16 @@
 """Orbax checkpoints of the train state: saved synchronously, restored with checks.
 
 A restore never silently returns something else: the restored tree must have the
-structure, shapes and dtypes of the state it replaces. A checkpoint that fails to
-restore (truncated or missing file) is skipped with a warning for the previous
-one and moved to checkpoints.damaged/; if none restores, `CheckpointError` names
-the directory and nothing is moved.
+structure, shapes and dtypes of the state it replaces, and its files the SHA-256
+sums written beside them at save time (orbax checks structure, not content, so a
+flipped byte would otherwise load). A checkpoint that fails either check, or fails
+to restore, is skipped with a warning for the previous one and moved to
+checkpoints.damaged/ (left in place when read-only, as for predict and visualize);
+if none restores, `CheckpointError` names the directory and nothing is moved.
 """
 
+import hashlib
+import json
 import os
 import sys
 
@@ -16,23 +20,27 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 SUBDIR = 'checkpoints'
+SUMS = 'sha256.json'  # In each step's directory: {relative path: sha256} of its other files.
 
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint where one was expected; the message names the path."""
 
 
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
   """Keeps the last `keep` checkpoints under workdir/checkpoints, one directory per step.
 
   Orbax writes each step to a temporary directory and renames it when complete, so a
-  crash mid-save leaves the previous checkpoints as they were.
+  crash mid-save leaves the previous checkpoints as they were. `read_only` creates,
+  moves and deletes nothing.
   """
   process = jax.process_index()
   directory = os.path.abspath(os.path.join(workdir, SUBDIR))
+  if read_only and not os.path.isdir(directory):
+    raise CheckpointError(f'{directory} not found: {workdir} holds no checkpoint')
   os.makedirs(directory, exist_ok=True)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=False, read_only=process != 0,
+      max_to_keep=keep, create=False, read_only=read_only or process != 0,
       enable_async_checkpointing=False,
       # Every process restores on its own; only process 0 saves (host numpy arrays).
       multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -40,11 +48,50 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=options)
 
 
+def file_sums(path: str) -> dict[str, str]:
+  """{path relative to `path`: sha256} of every file under it but the sums file itself."""
+  sums = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      relative = os.path.relpath(full, path)
+      if relative != SUMS:
+        with open(full, 'rb') as f:
+          sums[relative] = hashlib.file_digest(f, 'sha256').hexdigest()
+  return dict(sorted(sums.items()))
+
+
+def verify(path: str) -> str | None:
+  """Why the checkpoint at `path` does not hold what was saved, or None if it does.
+
+  A checkpoint without a sums file (one from before they were written, or a crash
+  between the save and its sums) is let through to orbax's own checks."""
+  sums_path = os.path.join(path, SUMS)
+  if not os.path.exists(sums_path):
+    return None
+  try:
+    with open(sums_path) as f:
+      expected = json.load(f)
+  except (OSError, ValueError) as e:
+    return f'its {SUMS} does not read ({e})'
+  actual = file_sums(path)
+  for name in sorted(set(expected) | set(actual)):
+    if name not in actual:
+      return f'{name} is missing'
+    if expected.get(name) != actual[name]:
+      return f'{name} is not the file that was saved (its SHA-256 differs)'
+  return None
+
 def save(checkpoints: ocp.CheckpointManager, step: int, tree) -> None:
   """Writes the checkpoint for `step`; a failure (e.g. a full disk) leaves the older ones."""
   try:
     checkpoints.save(step, args=ocp.args.StandardSave(tree), force=True)
     checkpoints.wait_until_finished()
+    path = os.path.join(str(checkpoints.directory), str(step))
+    sums = file_sums(path)
+    with open(os.path.join(path, SUMS + '.tmp'), 'w') as f:
+      json.dump(sums, f, indent=1)
+    os.replace(os.path.join(path, SUMS + '.tmp'), os.path.join(path, SUMS))
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'could not write the checkpoint of step {step} in '
                           f'{checkpoints.directory}: {str(e).splitlines()[0][:300]}; the '
@@ -57,8 +104,10 @@ def _describe(tree) -> list[tuple[str, tuple, str]]:
           for path, x in leaves]
 
 
-def restore_latest(checkpoints: ocp.CheckpointManager, target):
-  """(tree like target, step) from the newest checkpoint that restores, or None if none exist."""
+def restore_latest(checkpoints: ocp.CheckpointManager, target, read_only: bool = False):
+  """(tree like target, step) from the newest intact checkpoint, or None if none exist.
+
+  Damaged newer ones are moved to checkpoints.damaged/ unless `read_only`."""
   directory = str(checkpoints.directory)
   steps = sorted(checkpoints.all_steps(), reverse=True)
   if not steps:
@@ -68,17 +117,22 @@ def restore_latest(checkpoints: ocp.CheckpointManager, target):
   errors = []
   for step in steps:
     path = os.path.join(directory, str(step))
-    try:
-      restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
-      errors.append(f'{path}: {str(e).splitlines()[0][:300]}')
-      print(f'warning: checkpoint {path} does not restore ({errors[-1]}); trying the one '
-            f'before it', file=sys.stderr, flush=True)
+    damage = verify(path)
+    if damage is None:
+      try:
+        restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+        damage = str(e).splitlines()[0][:300]
+    if damage is not None:
+      errors.append(f'{path}: {damage}')
+      print(f'warning: checkpoint {path} is damaged ({damage}); trying the one before it',
+            file=sys.stderr, flush=True)
       continue
     if _describe(restored) != expected:
       raise CheckpointError(f'{path} holds a different model or optimizer state than the '
                             f'config describes; move it away or use another --workdir')
-    _set_aside(checkpoints, [s for s in steps if s > step])
+    if not read_only:
+      _set_aside(checkpoints, [s for s in steps if s > step])
     return restored, step
   raise CheckpointError(f'no checkpoint in {directory} restores:\n  ' + '\n  '.join(errors))
 

@@ -1,5 +1,7 @@
 """A trained run loaded from its workdir alone, for visualize, predict and notebooks.
 
+Read-only: it creates, moves and rewrites nothing in the workdir.
+
 It is built by the same `train.init_run` as training, so it runs the same model with
 the same kernels; the workdir's data.json gives the image shape and normalisation, so
 the training set is never read.
@@ -25,9 +27,9 @@ class Trained:
     image_shape = tuple(self.data['image_shape'])
     run = train.init_run(self.config, image_shape, steps_per_epoch=1, axis_name=None)
     self.model = run.model  # The kernels training used here: the same forward pass.
-    with checkpoint.manager(workdir, self.config.keep_checkpoints) as checkpoints:
+    with checkpoint.manager(workdir, self.config.keep_checkpoints, read_only=True) as checkpoints:
       restored = train.restore_checkpoint(checkpoints, run.state,
-                                          (run.data_keys, run.dropout_keys))
+                                          (run.data_keys, run.dropout_keys), read_only=True)
     if restored is None:
       raise checkpoint.CheckpointError(f'{workdir}/checkpoints holds no checkpoint')
     state, _, _, self.step = restored

@@ -310,13 +310,13 @@ def checkpoint_tree(state: TrainState, keys, times: dict) -> dict:
           'times': {k: jnp.asarray(v, jnp.float32) for k, v in times.items()}}
 
 
-def restore_checkpoint(checkpoints, state: TrainState, keys):
+def restore_checkpoint(checkpoints, state: TrainState, keys, read_only: bool = False):
   """(state, keys, times, step) from the latest intact checkpoint, or None if there is none.
 
   `state` and `keys` are the fresh ones: the restore is checked against their structure.
   """
   restored = checkpoint.restore_latest(
-      checkpoints, checkpoint_tree(state, keys, {'train_s': 0.0, 'wall_s': 0.0}))
+      checkpoints, checkpoint_tree(state, keys, {'train_s': 0.0, 'wall_s': 0.0}), read_only)
   if restored is None:
     return None
   tree, step = restored

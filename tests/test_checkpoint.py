@@ -14,7 +14,7 @@ import pytest
 
 from configs import default
 from conftest import REPO, fingerprint, main_command
-from convnet import checkpoint, config_lib, input_pipeline, train, workdir
+from convnet import checkpoint, config_lib, inference, input_pipeline, train, workdir
 
 # 4,096 images = 32 steps per epoch; a chunk and a checkpoint every 4 steps.
 RUN = ('--config.num_epochs=2', '--config.data.num_train=4096', '--config.log_every_steps=4',
@@ -176,7 +176,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(smoke_config, tmp_path, c
     workdir.read_json(str(run_dir / 'config.json'))
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+@pytest.mark.parametrize('damage', ['truncate', 'delete', 'same_size', 'no_default_item'])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_path,
                                                                     capfd, damage,
                                                                     crashed_runs):
@@ -186,18 +186,43 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(smoke_config
   data_files = [os.path.join(root, name) for root, _, names in os.walk(latest)
                 for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
   assert data_files
-  for path in data_files:
+  if damage == 'no_default_item':
+    shutil.rmtree(latest / 'default')
+  for path in data_files if damage in ('truncate', 'delete') else []:
     if damage == 'truncate':
       with open(path, 'r+b') as f:
         f.truncate(5)
     else:
       os.remove(path)
+  if damage == 'same_size':  # 4 kB of noise inside the largest file: orbax alone reads it.
+    largest = max(data_files, key=os.path.getsize)
+    size = os.path.getsize(largest)
+    with open(largest, 'r+b') as f:
+      f.seek(size // 2)
+      f.write(np.random.default_rng(0).bytes(4096))
+    assert os.path.getsize(largest) == size
+    # predict and visualize read the intact checkpoint and leave the workdir as it is.
+    before, listing = fingerprint(run_dir), sorted(os.listdir(run_dir))
+    assert inference.Trained(str(run_dir)).step == 16
+    assert fingerprint(run_dir) == before and sorted(os.listdir(run_dir)) == listing
   again = train.train_and_evaluate(smoke_config, str(run_dir))
   captured = capfd.readouterr()
-  assert f'checkpoint {latest} does not restore' in captured.err
+  assert f'checkpoint {latest} is damaged' in captured.err
   assert 'from its checkpoint at step 16' in captured.out
   assert os.listdir(run_dir / 'checkpoints.damaged') == ['32']  # Kept for a post-mortem.
   assert again['test_accuracy'] == finished['test_accuracy']  # Retrained epoch 2 exactly.
+
+
+def test_read_only_tools_create_nothing_in_a_workdir_without_checkpoints(smoke_config,
+                                                                         tmp_path):
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  for name, record in (('config.json', smoke_config.to_dict()),
+                       ('data.json', {'image_shape': [28, 28, 1], 'mean': 0.1, 'std': 0.3})):
+    workdir.write_json(str(run_dir / name), record)
+  with pytest.raises(checkpoint.CheckpointError, match='checkpoints not found'):
+    inference.Trained(str(run_dir))
+  assert sorted(os.listdir(run_dir)) == ['config.json', 'data.json']
 
 
 def test_no_intact_checkpoint_is_an_error_naming_the_directory(smoke_config, tmp_path,

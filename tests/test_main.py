@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -51,6 +52,23 @@ def test_cli_trains_and_writes_every_output(tmp_path):
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records if 'train_loss' in r] == [2, 4]
   assert records[-1]['test_count'] == 10000
+  # The figures command the summary names: quiet, and it adds figures/ and nothing else.
+  before = fingerprint(tmp_path / 'run')
+  shown = subprocess.run([sys.executable, '-m', 'convnet.visualize', '--workdir',
+                          str(tmp_path / 'run')], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+  assert shown.returncode == 0, shown.stderr
+  assert 'INFO' not in shown.stdout + shown.stderr and 'orbax' not in shown.stderr.lower()
+  after = fingerprint(tmp_path / 'run')
+  assert {k: v for k, v in after.items() if not k.startswith('figures')} == before
+  assert len([k for k in after if k.startswith('figures')]) == 5
+  missing = subprocess.run([sys.executable, '-m', 'convnet.visualize', '--workdir',
+                            str(tmp_path / 'nothing')], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+  assert missing.returncode == 1 and not os.path.exists(tmp_path / 'nothing')
+  assert missing.stderr.strip().splitlines() == [
+      f'error: {tmp_path / "nothing" / "config.json"} not found: {tmp_path / "nothing"} holds no '
+      f'run (or one from before config.json was written)']
 
 
 def test_cli_per_block_tuple_override(tmp_path):
