@@ -33,6 +33,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.num_seeds = 1  # Seeds seed, seed+1, ... trained together in one program (vmapped).
   config.checkpoint_every_steps = 0  # Also checkpoint this often; 0 = at epoch ends only.
   config.keep_checkpoints = 2  # How many of the latest checkpoints to keep.
+  # Stop when a logged training loss is non-finite or above this many times ln(num_classes),
+  # a uniform guess's loss (a diverged run); 0 = only on non-finite losses.
+  config.divergence_factor = 10.0
   config.progress = True  # A progress bar per epoch, when stderr is a terminal.
 
   config.data = ml_collections.ConfigDict()

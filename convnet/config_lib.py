@@ -76,6 +76,7 @@ SCHEMA = {
     'num_seeds': Key(int, rule=POSITIVE),
     'checkpoint_every_steps': Key(int, rule=NON_NEGATIVE),
     'keep_checkpoints': Key(int, rule=POSITIVE),
+    'divergence_factor': Key(float, rule=NON_NEGATIVE),
     'progress': Key(bool),
     'data.source': Key(str, choices=('idx', 'tfds')),
     'data.dir': Key(str),

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from convnet import config_lib
 from convnet import workdir as workdir_lib
 
 TRAIN_SCALARS = {'train_loss': 'train/loss', 'train_accuracy': 'train/accuracy',
@@ -89,14 +90,16 @@ class MetricWriter:
   def end_of_run(self, step: int, maps, confusion: np.ndarray, hparams: dict,
                  metrics: dict) -> None:
     """Feature maps of a few test images, the test confusion matrix, and the run's
-    hyperparameters with its final metrics for TensorBoard's HParams view."""
+    config (`hparams`, flattened) with its final metrics for TensorBoard's HParams view."""
     if not self.enabled:
       return
     for name, fmap in maps:
       self.summary.add_image(f'feature_maps/{name.replace(" ", "_")}', map_grid(fmap), step,
                              dataformats='HW')
     self.summary.add_image('eval/confusion_matrix', heatmap(confusion), step, dataformats='HWC')
-    self.summary.add_hparams(hparams, {f'hparams/{k}': v for k, v in metrics.items()},
+    plain = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+             for key, value in config_lib.flatten(hparams).items()}  # What the plugin takes.
+    self.summary.add_hparams(plain, {f'hparams/{k}': v for k, v in metrics.items()},
                              name='hparams', global_step=step)
 
   def close(self) -> None:
@@ -164,14 +167,3 @@ def heatmap(matrix: np.ndarray, cell: int = 24) -> np.ndarray:
   return tile(upscale(cells.reshape(-1, 1, 1, 3), cell), columns=matrix.shape[1], gap=1,
               background=0.8)
 
-
-def flatten(tree: dict, prefix: str = '') -> dict:
-  """A nested config dict -> {'model.filters': ...}, each value a bool, number or string
-  (what the hparams plugin takes; sequences and None as their text)."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value if isinstance(value, (bool, int, float, str)) else str(value)
-  return flat

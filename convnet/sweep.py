@@ -28,7 +28,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convnet import config_lib, report, train, workdir
+from convnet import config_lib, parallel, report, train, workdir
 
 SWEEP_FILE = 'sweep.json'
 
@@ -117,7 +117,8 @@ def check_points(expanded: list[tuple[str, object]], sweep_dir: str) -> None:
                 config.model.num_classes)
     if data_key not in datasets:
       data = train.load_data(config)
-      datasets[data_key] = (data, workdir.data_record(data, config))
+      num_devices = len(parallel.participating_devices(config.num_devices)[0])
+      datasets[data_key] = (data, workdir.data_record(data, config, num_devices))
     data, record = datasets[data_key]
     try:
       train.check_data(config, data)
@@ -125,11 +126,8 @@ def check_points(expanded: list[tuple[str, object]], sweep_dir: str) -> None:
       raise config_lib.ConfigError(f'sweep point {name}: {e}') from e
     point_dir = os.path.join(sweep_dir, name)
     if os.path.exists(os.path.join(point_dir, 'results.json')):
-      saved_data = os.path.join(point_dir, 'data.json')
-      diff = workdir.config_diff(workdir.read_json(os.path.join(point_dir, 'config.json')),
-                                 config.to_dict())
-      if os.path.exists(saved_data):
-        diff += workdir.data_diff(workdir.read_json(saved_data), record)
+      data_lines, diff = workdir.differences(point_dir, config.to_dict(), record)
+      diff += data_lines
       if diff:
         raise workdir.ConfigMismatchError(
             f'sweep point {name} finished with another config or data:\n  '
@@ -167,22 +165,24 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   share = worker_share(len(expanded), num_workers, worker_index)
   check_points(expanded, sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
-  workdir.write_json(os.path.join(sweep_dir, SWEEP_FILE),
-                     [{'name': name, 'overrides': overrides}
-                      for (name, _), overrides in zip(expanded, points)])
-  todo = [i for i in share if not os.path.exists(
-      os.path.join(sweep_dir, expanded[i][0], 'results.json'))]
-  print(f'sweep {sweep_dir}: {len(expanded)} points, {len(share)} for worker {worker_index} of '
-        f'{num_workers}, {len(share) - len(todo)} already done', flush=True)
-  start = time.time()
-  for done, i in enumerate(todo):
-    name, config = expanded[i]
-    eta = ''
-    if done:
-      eta = f', ETA {(time.time() - start) / done * (len(todo) - done) / 60:.1f} min'
-    print(f'== point {i + 1} of {len(expanded)} ({done + 1}/{len(todo)} to run{eta}): {name}',
-          flush=True)
-    train.train_and_evaluate(config, os.path.join(sweep_dir, name))
+  # Workers share the directory, each its own points; the same worker twice is refused.
+  with workdir.locked(sweep_dir, f'.lock.worker{worker_index}'):
+    workdir.write_json(os.path.join(sweep_dir, SWEEP_FILE),
+                       [{'name': name, 'overrides': overrides}
+                        for (name, _), overrides in zip(expanded, points)])
+    todo = [i for i in share if not os.path.exists(
+        os.path.join(sweep_dir, expanded[i][0], 'results.json'))]
+    print(f'sweep {sweep_dir}: {len(expanded)} points, {len(share)} for worker {worker_index} of '
+          f'{num_workers}, {len(share) - len(todo)} already done', flush=True)
+    start = time.time()
+    for done, i in enumerate(todo):
+      name, config = expanded[i]
+      eta = ''
+      if done:
+        eta = f', ETA {(time.time() - start) / done * (len(todo) - done) / 60:.1f} min'
+      print(f'== point {i + 1} of {len(expanded)} ({done + 1}/{len(todo)} to run{eta}): {name}',
+            flush=True)
+      train.train_and_evaluate(config, os.path.join(sweep_dir, name))
   rows = report.collect(sweep_dir)
   report.write(sweep_dir, rows)
   return rows

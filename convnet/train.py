@@ -274,7 +274,7 @@ EXIT_INTERRUPTED = 75
 # Errors caused by the user's config, data or workdir: the CLIs print them in one line.
 USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError, workdir_lib.ConfigMismatchError,
                workdir_lib.RecordError, checkpoint.CheckpointError, FloatingPointError,
-               FileExistsError, PermissionError)
+               FileExistsError, PermissionError, workdir_lib.LockedError)
 
 
 @contextlib.contextmanager
@@ -390,154 +390,189 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   data = load_data(config)
   steps_per_epoch = check_data(config, data)
   image_shape = data.train.images.shape[1:]
-  workdir_lib.prepare(workdir, config.to_dict(), workdir_lib.data_record(data, config),
-                      allow_config_change, write=writer)
+  with workdir_lib.claim(workdir, enabled=writer):
+    records = workdir_lib.prepare(workdir, config.to_dict(),
+                                  workdir_lib.data_record(data, config, num_devices),
+                                  allow_config_change)
 
-  model, learning_rate_fn, state, data_keys, dropout_keys = init_run(config, image_shape,
-                                                                     steps_per_epoch)
-  first_seed = jax.tree_util.tree_map(lambda x: x[0], state)
-  num_params = models.count_params(first_seed.params)
-  flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
-  train_time, earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
-  with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
-       stop_requests() as stop_requested, \
-       contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out:
-    restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
-    if restored:
-      state, (data_keys, dropout_keys), times, step = restored
-      train_time, earlier_wall_time = times['train_s'], times['wall_s']
-      log(f'resuming {workdir} from its checkpoint at step {step}', flush=True)
-    if writer:
-      workdir_lib.keep_records_up_to(out.metrics_path, int(state.step[0]))
-    log(f'{num_params:,} parameters, {flops_per_image / 1e6:.1f} MFLOP per training image; '
-        f'{model.ops.backend} kernels (model.ops={config.model.ops!r}); '
-        f'feature maps {shapes.feature_shapes(model.blocks, image_shape)}; {config.num_seeds} '
-        f'seed(s); {num_devices} x {devices[0].device_kind} in {jax.process_count()} '
-        f'process(es)', flush=True)
+    model, learning_rate_fn, state, data_keys, dropout_keys = init_run(config, image_shape,
+                                                                       steps_per_epoch)
+    first_seed = jax.tree_util.tree_map(lambda x: x[0], state)
+    num_params = models.count_params(first_seed.params)
+    flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
+    train_time, earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
+    with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
+         stop_requests() as stop_requested, \
+         contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out:
+      restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
+      if restored:
+        state, (data_keys, dropout_keys), times, step = restored
+        train_time, earlier_wall_time = times['train_s'], times['wall_s']
+        log(f'resuming {workdir} from its checkpoint at step {step}', flush=True)
+      resumed_at = int(state.step[0])
 
-    # The state and keys live on every device, as the pmapped functions return them,
-    # so each compiled function sees one sharding whether the state is new or restored.
-    state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
-                                                    parallel.replicated(local_devices))
-    train_images, train_labels = (parallel.replicate(x, local_devices) for x in data.train)
-    test_arrays = [parallel.put_on_devices(parallel.local_rows(x, devices, local_devices),
-                                           local_devices)
-                   for x in shard_for_eval(data.test, config.eval_batch_size, num_devices)]
-    num_train = len(data.train.labels)
-    start = time.time()
-    evaluate = parallel.compile_now(
-        parallel_evaluate(data.mean, data.std, devices, config.parallel), state, *test_arrays)
-    permute = jax.jit(epoch_permutations, static_argnums=2)
-    compile_time = time.time() - start
-    compiled_chunks = {}
+      def mark_started():
+        """The run has started: its records are written now, so that a start that fails
+        (a refused checkpoint, a model too large to compile) leaves the workdir as it was."""
+        nonlocal records
+        if writer and records:
+          workdir_lib.start(workdir, records)
+          workdir_lib.keep_records_up_to(out.metrics_path, resumed_at)
+        records = None
+      log(f'{num_params:,} parameters, {flops_per_image / 1e6:.1f} MFLOP per training image; '
+          f'{model.ops.backend} kernels (model.ops={config.model.ops!r}); '
+          f'feature maps {shapes.feature_shapes(model.blocks, image_shape)}; {config.num_seeds} '
+          f'seed(s); {num_devices} x {devices[0].device_kind} in {jax.process_count()} '
+          f'process(es)', flush=True)
 
-    def compiled_chunk(num_steps, *args):
-      nonlocal compile_time
-      if num_steps not in compiled_chunks:
-        start = time.time()
-        out.note(f'compiling the training step ({num_steps} steps per call)...')
-        compiled_chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
-            num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
-            config.parallel, config.micro_batch_size), *args)
-        compile_time += time.time() - start
-      return compiled_chunks[num_steps]
+      # The state and keys live on every device, as the pmapped functions return them,
+      # so each compiled function sees one sharding whether the state is new or restored.
+      state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
+                                                      parallel.replicated(local_devices))
+      train_images, train_labels = (parallel.replicate(x, local_devices) for x in data.train)
+      test_arrays = [parallel.put_on_devices(parallel.local_rows(x, devices, local_devices),
+                                             local_devices)
+                     for x in shard_for_eval(data.test, config.eval_batch_size, num_devices)]
+      num_train = len(data.train.labels)
+      start = time.time()
+      evaluate = parallel.compile_now(
+          parallel_evaluate(data.mean, data.std, devices, config.parallel), state, *test_arrays)
+      permute = jax.jit(epoch_permutations, static_argnums=2)
+      compile_time = time.time() - start
+      compiled_chunks = {}
 
-    def run_evaluation():
-      sums = jax.device_get(evaluate(state, *test_arrays))
-      record = {'step': int(state.step[0]), 'epoch': int(state.step[0]) // steps_per_epoch,
-                'test_count': int(sums['count'][0]),
-                'time_s': earlier_wall_time + time.time() - run_start}  # Since the start.
-      seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
-      seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
-      return record, sums['confusion'][0]  # Seed 0's, as the figures show seed 0.
+      def compiled_chunk(num_steps, *args):
+        nonlocal compile_time
+        if num_steps not in compiled_chunks:
+          start = time.time()
+          out.note(f'compiling the training step ({num_steps} steps per call)...')
+          compiled_chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
+              num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
+              config.parallel, config.micro_batch_size), *args)
+          compile_time += time.time() - start
+        return compiled_chunks[num_steps]
 
-    def save():
-      if writer:
-        tree = checkpoint_tree(state, (data_keys, dropout_keys),
-                               {'train_s': train_time,
-                                'wall_s': earlier_wall_time + time.time() - run_start})
-        checkpoint.save(checkpoints, int(state.step[0]), jax.device_get(tree))
-      return int(state.step[0])
+      def run_evaluation():
+        sums = jax.device_get(evaluate(state, *test_arrays))
+        record = {'step': int(state.step[0]), 'epoch': int(state.step[0]) // steps_per_epoch,
+                  'test_count': int(sums['count'][0]),
+                  'time_s': earlier_wall_time + time.time() - run_start}  # Since the start.
+        seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
+        seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
+        return record, sums['confusion'][0]  # Seed 0's, as the figures show seed 0.
 
-    total_steps = config.num_epochs * steps_per_epoch
-    step = last_saved = int(state.step[0])
-    test, perms, epoch_metrics, epoch_time = None, None, [], 0.0
-    while step < total_steps:
-      epoch = step // steps_per_epoch
-      if perms is None or step % steps_per_epoch == 0:
-        perms = jax.device_put(permute(data_keys, epoch, num_train),
-                               parallel.replicated(local_devices))
-        out.start_epoch(epoch + 1, config.num_epochs, steps_per_epoch, epoch * steps_per_epoch,
-                        step)
-      end = chunk_end(step, steps_per_epoch, config.log_every_steps)
-      args = (state, train_images, train_labels, perms, dropout_keys)
-      train_chunk = compiled_chunk(end - step, *args)
-      chunk_start = time.time()
-      state, metrics = train_chunk(*args)
-      metrics = jax.device_get(metrics)  # [seeds, steps]. Blocks: one host sync per chunk.
-      chunk_time = time.time() - chunk_start
-      train_time += chunk_time
-      epoch_time += chunk_time
-      finite = np.isfinite(metrics['loss']).all(axis=0)
-      if not finite.all():
-        raise FloatingPointError(
-            f'non-finite training loss at step {step + int(np.argmin(finite)) + 1} (epoch '
-            f'{epoch + 1}); the last good checkpoint (step {last_saved}) is kept; try a lower '
-            f'learning_rate (now {config.learning_rate})')
-      epoch_metrics.append(metrics)
-      record = {'step': end, 'epoch': epoch + 1,
-                'learning_rate': float(learning_rate_fn(end - 1)),
-                'images_per_s': (end - step) * config.batch_size * config.num_seeds / chunk_time}
-      seed_summary(record, 'train_loss', metrics['loss'].mean(axis=1))
-      seed_summary(record, 'train_accuracy', metrics['accuracy'].mean(axis=1))
-      out.write(record)
-      step = end
-      if step % steps_per_epoch == 0:
+      def save():
+        if writer:
+          tree = checkpoint_tree(state, (data_keys, dropout_keys),
+                                 {'train_s': train_time,
+                                  'wall_s': earlier_wall_time + time.time() - run_start})
+          checkpoint.save(checkpoints, int(state.step[0]), jax.device_get(tree))
+        return int(state.step[0])
+
+      total_steps = config.num_epochs * steps_per_epoch
+      step = last_saved = int(state.step[0])
+      test, perms, epoch_metrics, epoch_time = None, None, [], 0.0
+      while step < total_steps:
+        epoch = step // steps_per_epoch
+        if perms is None or step % steps_per_epoch == 0:
+          perms = jax.device_put(permute(data_keys, epoch, num_train),
+                                 parallel.replicated(local_devices))
+          out.start_epoch(epoch + 1, config.num_epochs, steps_per_epoch, epoch * steps_per_epoch,
+                          step)
+        end = chunk_end(step, steps_per_epoch, config.log_every_steps)
+        args = (state, train_images, train_labels, perms, dropout_keys)
+        train_chunk = compiled_chunk(end - step, *args)
+        chunk_start = time.time()
+        state, metrics = train_chunk(*args)
+        metrics = jax.device_get(metrics)  # [seeds, steps]. Blocks: one host sync per chunk.
+        chunk_time = time.time() - chunk_start
+        train_time += chunk_time
+        epoch_time += chunk_time
+        problem = divergence(metrics['loss'], step, config.divergence_factor,
+                             config.model.num_classes)
+        if problem:
+          lower = f'rerun with a lower learning_rate (now {config.learning_rate})'
+          if last_saved:
+            advice = (f'the last good checkpoint (step {last_saved}) is kept: {lower} and '
+                      f'--allow_config_change to resume from it, or in a new --workdir')
+          elif records is not None:  # Not started: the workdir is left as it was.
+            advice = f'nothing was written: {lower}'
+          else:
+            advice = (f'no checkpoint was written: {lower} and --allow_config_change to start '
+                      f'over in this workdir, or in a new --workdir')
+          raise FloatingPointError(f'{problem} (epoch {epoch + 1}); {advice}')
+        epoch_metrics.append(metrics)
+        record = {'step': end, 'epoch': epoch + 1,
+                  'learning_rate': float(learning_rate_fn(end - 1)),
+                  'images_per_s': (end - step) * config.batch_size * config.num_seeds / chunk_time}
+        seed_summary(record, 'train_loss', metrics['loss'].mean(axis=1))
+        seed_summary(record, 'train_accuracy', metrics['accuracy'].mean(axis=1))
+        mark_started()
+        out.write(record)
+        step = end
+        if step % steps_per_epoch == 0:
+          test, confusion = run_evaluation()
+          out.write(test)
+          out.filters(jax.tree_util.tree_map(lambda x: x[0], state.params), step)
+          out.end_epoch()
+          losses = np.concatenate([m['loss'] for m in epoch_metrics], axis=1)
+          accuracies = np.concatenate([m['accuracy'] for m in epoch_metrics], axis=1)
+          log(f'epoch {epoch + 1}/{config.num_epochs}: train loss {losses.mean():.4f} accuracy '
+                f'{accuracies.mean():.4f} | test loss {test["test_loss"]:.4f} accuracy '
+                f'{test["test_accuracy"]:.4f} | '
+                f'{losses.size * config.batch_size / epoch_time:,.0f} '
+                f'images/s, {epoch_time:.1f}s', flush=True)
+          epoch_metrics, epoch_time = [], 0.0
+        if (step % steps_per_epoch == 0 or stop_requested or
+            (config.checkpoint_every_steps and step - last_saved >= config.checkpoint_every_steps)):
+          last_saved = save()
+        if stop_requested:
+          raise Interrupted(f'{stop_requested[0]} at step {step}: checkpoint saved in '
+                            f'{checkpoints.directory}; rerun the same command to resume')
+      mark_started()  # A run resumed from its last checkpoint trains no step.
+      if test is None or test['step'] != step:
         test, confusion = run_evaluation()
-        out.write(test)
-        out.filters(jax.tree_util.tree_map(lambda x: x[0], state.params), step)
-        out.end_epoch()
-        losses = np.concatenate([m['loss'] for m in epoch_metrics], axis=1)
-        accuracies = np.concatenate([m['accuracy'] for m in epoch_metrics], axis=1)
-        log(f'epoch {epoch + 1}/{config.num_epochs}: train loss {losses.mean():.4f} accuracy '
-              f'{accuracies.mean():.4f} | test loss {test["test_loss"]:.4f} accuracy '
-              f'{test["test_accuracy"]:.4f} | '
-              f'{losses.size * config.batch_size / epoch_time:,.0f} '
-              f'images/s, {epoch_time:.1f}s', flush=True)
-        epoch_metrics, epoch_time = [], 0.0
-      if (step % steps_per_epoch == 0 or stop_requested or
-          (config.checkpoint_every_steps and step - last_saved >= config.checkpoint_every_steps)):
-        last_saved = save()
-      if stop_requested:
-        raise Interrupted(f'{stop_requested[0]} at step {step}: checkpoint saved in '
-                          f'{checkpoints.directory}; rerun the same command to resume')
-    if test is None or test['step'] != step:
-      test, confusion = run_evaluation()
-    results = {**{k: v for k, v in test.items() if k.startswith('test_')},  # Last epoch's.
-               'num_seeds': config.num_seeds,
-               'seeds': [config.seed + i for i in range(config.num_seeds)],
-               'num_params': num_params, 'flops_per_image': flops_per_image,
-               'num_epochs': config.num_epochs, 'train_time_s': train_time,
-               'compile_time_s': compile_time,
-               'train_images_per_s': config.num_epochs * steps_per_epoch * config.batch_size
-                                     * config.num_seeds / max(train_time, 1e-9),
-               'wall_time_s': earlier_wall_time + time.time() - run_start,
-               'num_devices': num_devices, 'device_kind': devices[0].device_kind}
-    if 'test_accuracy_per_seed' in test:
-      results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
-    if writer:
-      seed0 = jax.tree_util.tree_map(lambda x: x[0], state)
-      examples = data.test.images[[int(np.flatnonzero(data.test.labels == label)[0])
-                                   for label in np.unique(data.test.labels)[:4]]]
-      out.end_of_run(
-          step, maps=models.feature_maps(
-              model, {'params': seed0.params, 'batch_stats': seed0.batch_stats},
-              input_pipeline.normalize(jnp.asarray(examples), data.mean, data.std)),
-          confusion=np.asarray(confusion), hparams=metric_writer.flatten(config.to_dict()),
-          metrics={k: results[k] for k in FINAL_METRICS if k in results})
-      workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)  # Last: done.
+      results = {**{k: v for k, v in test.items() if k.startswith('test_')},  # Last epoch's.
+                 'num_seeds': config.num_seeds,
+                 'seeds': [config.seed + i for i in range(config.num_seeds)],
+                 'num_params': num_params, 'flops_per_image': flops_per_image,
+                 'num_epochs': config.num_epochs, 'train_time_s': train_time,
+                 'compile_time_s': compile_time,
+                 'train_images_per_s': config.num_epochs * steps_per_epoch * config.batch_size
+                                       * config.num_seeds / max(train_time, 1e-9),
+                 'wall_time_s': earlier_wall_time + time.time() - run_start,
+                 'num_devices': num_devices, 'device_kind': devices[0].device_kind}
+      if 'test_accuracy_per_seed' in test:
+        results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
+      if writer:
+        seed0 = jax.tree_util.tree_map(lambda x: x[0], state)
+        examples = data.test.images[[int(np.flatnonzero(data.test.labels == label)[0])
+                                     for label in np.unique(data.test.labels)[:4]]]
+        out.end_of_run(
+            step, maps=models.feature_maps(
+                model, {'params': seed0.params, 'batch_stats': seed0.batch_stats},
+                input_pipeline.normalize(jnp.asarray(examples), data.mean, data.std)),
+            confusion=np.asarray(confusion), hparams=config.to_dict(),
+            metrics={k: results[k] for k in FINAL_METRICS if k in results})
+        workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)  # Last: done.
   log(summary_line(results, workdir), flush=True)
   return results
+
+
+def divergence(losses: np.ndarray, step: int, factor: float, num_classes: int) -> str | None:
+  """What is wrong with a chunk's training losses [seeds, steps] that began after `step`,
+  or None. Diverged means non-finite, or above `factor` times ln(num_classes): the loss of
+  a uniform guess, which a learning run leaves behind within its first steps."""
+  limit = factor * np.log(num_classes) if factor else np.inf
+  bad = ~np.isfinite(losses) | (losses > limit)
+  if not bad.any():
+    return None
+  first = int(np.argmax(bad.any(axis=0)))
+  loss = float(losses[:, first][bad[:, first]][0])
+  if not np.isfinite(loss):
+    return f'non-finite training loss at step {step + first + 1}'
+  return (f'training diverged: loss {loss:.4g} at step {step + first + 1} is above '
+          f'divergence_factor={factor} x ln({num_classes}) = {limit:.4g}')
 
 
 FINAL_METRICS = ('test_accuracy', 'test_loss', 'test_accuracy_std', 'train_images_per_s')

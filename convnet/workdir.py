@@ -7,9 +7,12 @@ count, normalisation statistics), so predict and visualize never reload the trai
 set, and a fingerprint of the arrays trained on.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 
 import ml_collections
@@ -22,12 +25,77 @@ from convnet import config_lib
 # so a run started on a CPU may resume on a GPU; data.dir may move, as the data's
 # fingerprint (data.json) guards what is read there.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                     'progress', 'parallel', 'data.dir', 'data.download', 'model.ops',
-                     'model.layout')
+                     'divergence_factor', 'progress', 'parallel', 'data.dir', 'data.download',
+                     'model.ops', 'model.layout')
 
 
 class ConfigMismatchError(ValueError):
   """Resuming a workdir with a config that would change its results."""
+
+
+class LockedError(RuntimeError):
+  """The workdir is in use by another live process."""
+
+
+@contextlib.contextmanager
+def locked(directory: str, name: str = '.lock'):
+  """An exclusive lock on `directory` for the life of the block, or LockedError naming the
+  process holding it.
+
+  flock is released by the kernel when its holder dies, so a lock left by a killed
+  process never blocks. The lock file holds the holder's PID and is removed on release;
+  a process that opened it just before the removal sees another inode and tries again.
+  """
+  path = os.path.join(directory, name)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 32).decode(errors='replace').strip() or '(starting)'
+      os.close(fd)
+      raise LockedError(f'{directory} is in use by process {holder} (its lock: {path}); wait '
+                        f'for it to finish, stop it, or use another directory') from None
+    try:
+      if os.path.samestat(os.fstat(fd), os.stat(path)):
+        break
+    except FileNotFoundError:
+      pass
+    os.close(fd)
+  try:
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    yield
+  finally:
+    os.unlink(path)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def claim(workdir: str, enabled: bool = True):
+  """The workdir, created if need be and locked for the life of the block.
+
+  If the block fails before the run wrote any file (a refusal, a model too big to
+  compile), a workdir this created is removed again: a failed start leaves the disk as
+  it found it. Processes other than 0 (`enabled=False`) neither create nor lock it.
+  """
+  if not enabled:
+    yield
+    return
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise PermissionError(f'{workdir}: cannot create the workdir ({e.strerror})') from e
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f'{workdir}: workdir is not writable')
+  try:
+    with locked(workdir):
+      yield
+  except BaseException:
+    if created and not any(files for _, _, files in os.walk(workdir)):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
 
 
 def write_json(path: str, data) -> None:
@@ -99,9 +167,10 @@ def fingerprint(split) -> dict:
           'sha256': digest.hexdigest()}
 
 
-def data_record(data, config) -> dict:
-  """data.json: what inference needs, and the fingerprint of the data trained on."""
-  return {'image_shape': list(data.train.images.shape[1:]),
+def data_record(data, config, num_devices: int) -> dict:
+  """data.json: what inference needs, and the fingerprint of the data trained on (and
+  the device count it was split over)."""
+  return {'image_shape': list(data.train.images.shape[1:]), 'num_devices': num_devices,
           'num_classes': int(config.model.num_classes),
           'mean': float(data.mean), 'std': float(data.std),
           'train': fingerprint(data.train), 'test': fingerprint(data.test)}
@@ -129,49 +198,61 @@ def config_diff(saved: dict, new: dict) -> list[str]:
   return lines
 
 
-def prepare(workdir: str, config: dict, data: dict, allow_config_change: bool = False,
-            write: bool = True) -> None:
-  """Creates workdir, or checks that the run in it may be resumed with this config and data.
+def prepare(workdir: str, config: dict, data: dict,
+            allow_config_change: bool = False) -> dict[str, dict]:
+  """Checks that the run in workdir may be resumed with this config, data and device
+  count; returns the records to write once the run has started (`start`).
 
   Refuses a finished run (results.json exists), data whose fingerprint differs from
-  the saved one, and a config that differs from the saved one in a key that changes
-  results, unless allow_config_change. Writes config.json and data.json once every
-  check passed. With write=False (processes other than 0) it only checks. Whether
-  training resumes is up to the checkpoints found, not to this.
+  the saved one, another device count (per-device batches change the numbers) and a
+  config that differs from the saved one in a key that changes results, the last two
+  unless allow_config_change. Writes nothing. Whether training resumes is up to the
+  checkpoints found, not to this.
   """
-  if not write:
-    if os.path.exists(os.path.join(workdir, 'results.json')):
-      raise FileExistsError(f'{workdir} holds a finished run; choose a new --workdir')
-    return
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise PermissionError(f'{workdir}: cannot create the workdir ({e.strerror})') from e
-  if not os.access(workdir, os.W_OK):
-    raise PermissionError(f'{workdir}: workdir is not writable')
   results = os.path.join(workdir, 'results.json')
   if os.path.exists(results):
     raise FileExistsError(f'{results} exists: {workdir} holds a finished run; choose a new '
                           f'--workdir')
-  data_path = os.path.join(workdir, 'data.json')
-  if os.path.exists(data_path):
-    diff = data_diff(read_json(data_path), data)
-    if diff:
-      raise ConfigMismatchError(f'{data_path}: this run was trained on other data:\n  '
-                                + '\n  '.join(diff) + '\nuse a new --workdir, or the data it '
-                                'was trained on')
-  saved_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(saved_path):
-    write_json(saved_path, config)
-    write_json(data_path, data)
-    return
-  diff = config_diff(read_json(saved_path), config)
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    return {'config.json': config, 'data.json': data}
+  data_lines, diff = differences(workdir, config, data)
+  if data_lines:
+    raise ConfigMismatchError(f'{os.path.join(workdir, "data.json")}: this run was trained on '
+                              f'other data:\n  ' + '\n  '.join(data_lines) + '\nuse a new '
+                              '--workdir, or the data it was trained on')
   if diff and not allow_config_change:
     raise ConfigMismatchError(
-        f'{saved_path} differs from this config in keys that change results:\n  '
-        + '\n  '.join(diff) + '\nuse a new --workdir, or pass --allow_config_change to resume '
-        'anyway (e.g. to train for more epochs)')
-  if diff:
-    os.replace(saved_path, saved_path + '.before_change')
-    write_json(saved_path, config)
-  write_json(data_path, data)
+        f'{os.path.join(workdir, "config.json")} differs from this run in what changes '
+        f'results:\n  ' + '\n  '.join(diff) + '\nuse a new --workdir, or pass '
+        '--allow_config_change to resume anyway (e.g. to train for more epochs)')
+  data_path = os.path.join(workdir, 'data.json')
+  saved_data = read_json(data_path) if os.path.exists(data_path) else {}
+  devices = saved_data.get('num_devices', data['num_devices'])
+  if devices != data['num_devices']:  # Both kept: the run's numbers depend on each.
+    earlier = saved_data.get('earlier_num_devices', []) + [devices]
+    data = {**data, 'earlier_num_devices': earlier}
+  return {'config.json': config, 'data.json': data}
+
+
+def differences(workdir: str, config: dict, data: dict) -> tuple[list[str], list[str]]:
+  """(data differences, the others: config keys that change results and the device count)
+  between the run recorded in workdir and this config and data record."""
+  data_path = os.path.join(workdir, 'data.json')
+  saved_data = read_json(data_path) if os.path.exists(data_path) else {}
+  lines = config_diff(read_json(os.path.join(workdir, 'config.json')), config)
+  devices = saved_data.get('num_devices', data['num_devices'])
+  if devices != data['num_devices']:
+    lines.append(f'devices: {devices} -> {data["num_devices"]} (per-device batches and random '
+                 f'streams change; --config.num_devices={devices} resumes as it started)')
+  return (data_diff(saved_data, data) if saved_data else []), lines
+
+
+def start(workdir: str, records: dict[str, dict]) -> None:
+  """Writes the records `prepare` returned, once the run is known to start; a changed
+  config.json keeps its predecessor as config.json.before_change."""
+  for name, record in records.items():
+    path = os.path.join(workdir, name)
+    if (name == 'config.json' and os.path.exists(path)
+        and read_json(path) != json.loads(json.dumps(record))):
+      os.replace(path, path + '.before_change')
+    write_json(path, record)

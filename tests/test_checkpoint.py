@@ -6,6 +6,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -275,18 +276,88 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
   assert 'checkpoint at step 16' in done.stdout
 
 
-def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
-    smoke_config, tmp_path, crashed_runs):
+def test_non_finite_loss_stops_at_its_step_and_its_advice_works(smoke_config, tmp_path,
+                                                                crashed_runs):
   run_dir, _ = copy_of(crashed_runs, 1, tmp_path)
-  before = fingerprint(run_dir / 'checkpoints')
+  before = fingerprint(run_dir)
   exploding = smoke_config.copy_and_resolve_references()
   exploding.num_epochs, exploding.learning_rate = 2, 1e30
   # Step 17 (the first after the checkpoint) still has good params, so its loss is
   # finite; its Adam update of ~1e30 makes step 18's loss the first non-finite one.
   with pytest.raises(FloatingPointError, match=r'non-finite training loss at step 18 .*'
-                                               r'last good checkpoint \(step 16\) is kept'):
+                                               r'last good checkpoint \(step 16\) is kept: rerun '
+                                               r'with a lower learning_rate \(now 1e\+30\) and '
+                                               r'--allow_config_change'):
     train.train_and_evaluate(exploding, str(run_dir), allow_config_change=True)
-  assert fingerprint(run_dir / 'checkpoints') == before
+  assert fingerprint(run_dir) == before  # Failed before it started: nothing written.
+  exploding.learning_rate = 1e-3 / 2  # As the message says: it resumes from step 16.
+  results = train.train_and_evaluate(exploding, str(run_dir), allow_config_change=True)
+  assert results['test_accuracy'] > 0.5
+  assert workdir.read_json(str(run_dir / 'config.json.before_change'))['learning_rate'] == 1e-3
+
+
+def test_a_diverging_fresh_run_stops_and_leaves_no_workdir(smoke_config, tmp_path):
+  smoke_config.optimizer, smoke_config.learning_rate = 'adam', 1e6
+  with pytest.raises(FloatingPointError, match=r'training diverged: loss .* at step \d+ is above '
+                                               r'divergence_factor=10.0 x ln\(10\) = 23.03 .* '
+                                               r'nothing was written'):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_divergence_rule():
+  fine = np.array([[2.3, 1.0, 0.5], [2.2, 0.9, 0.4]])  # [seeds, steps]
+  assert train.divergence(fine, 10, 10.0, 10) is None
+  nan = fine.copy()
+  nan[1, 2] = np.nan
+  assert train.divergence(nan, 10, 10.0, 10) == 'non-finite training loss at step 13'
+  high = fine.copy()
+  high[0, 1] = 30.0
+  assert train.divergence(high, 10, 10.0, 10).startswith(
+      'training diverged: loss 30 at step 12 is above divergence_factor=10.0 x ln(10) = 23.03')
+  assert train.divergence(high, 10, 0.0, 10) is None  # 0: only non-finite losses stop it.
+
+
+def test_a_workdir_in_use_is_refused_naming_its_process_and_a_stale_lock_is_not(
+    smoke_config, tmp_path, crashed_runs):
+  run_dir, _ = copy_of(crashed_runs, 1, tmp_path)
+  with workdir.locked(str(run_dir)):  # As a live run holds it.
+    before = fingerprint(run_dir)
+    with pytest.raises(workdir.LockedError, match=f'{run_dir} is in use by process {os.getpid()}'):
+      train.train_and_evaluate(smoke_config, str(run_dir))
+    assert fingerprint(run_dir) == before
+  assert not (run_dir / '.lock').exists()
+  # A process killed while holding the lock leaves its file; the next run is not blocked.
+  killed = subprocess.run([sys.executable, '-c', 'import os, sys; from convnet import workdir\n'
+                           'with workdir.locked(sys.argv[1]): os.kill(os.getpid(), 9)',
+                           str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert killed.returncode == -9 and (run_dir / '.lock').exists()
+  with workdir.locked(str(run_dir)):
+    assert (run_dir / '.lock').read_text() == f'{os.getpid()}\n'
+
+
+def test_a_start_that_fails_leaves_the_workdir_as_it_was(smoke_config, tmp_path, monkeypatch):
+  def out_of_memory(*args, **kwargs):
+    raise MemoryError('RESOURCE_EXHAUSTED: out of memory while compiling')
+  monkeypatch.setattr(train.parallel, 'compile_now', out_of_memory)
+  with pytest.raises(MemoryError):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'fresh'))
+  assert not (tmp_path / 'fresh').exists()
+
+
+def test_resume_on_another_device_count_is_refused_or_recorded(smoke_config, tmp_path,
+                                                               crashed_runs):
+  run_dir, _ = copy_of(crashed_runs, 1, tmp_path)  # Trained on conftest's 2 devices.
+  before = fingerprint(run_dir)
+  smoke_config.num_devices = 1
+  with pytest.raises(workdir.ConfigMismatchError,
+                     match=r'devices: 2 -> 1 .*--config.num_devices=2 resumes as it started'):
+    train.train_and_evaluate(smoke_config, str(run_dir))
+  assert fingerprint(run_dir) == before
+  results = train.train_and_evaluate(smoke_config, str(run_dir), allow_config_change=True)
+  assert results['num_devices'] == 1
+  data = workdir.read_json(str(run_dir / 'data.json'))
+  assert (data['num_devices'], data['earlier_num_devices']) == (1, [2])
 
 
 def test_unwritable_workdir_is_an_error_naming_it(smoke_config, tmp_path):

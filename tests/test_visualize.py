@@ -99,7 +99,7 @@ def read_events(directory):
   """{tag: [(step, value)]} from every TensorBoard event file under directory, read as
   TFRecords without TensorFlow: a scalar's float, an image's decoded array, or the hparams
   plugin's data."""
-  from tensorboardX.proto import event_pb2, plugin_hparams_pb2  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2, plugin_hparams_pb2  # pylint: disable=C0415
   events = {}
   for path in sorted(directory.rglob('events.out.tfevents.*')):
     data, offset = path.read_bytes(), 0
