@@ -30,6 +30,11 @@ def final_params(run_dir):
           ocp.tree.to_flat_dict(tree['state']['params'], sep='/').items()}
 
 
+def metrics_without_timings(run_dir):
+  return [{k: v for k, v in r.items() if k not in ('images_per_s', 'time_s')}
+          for r in workdir.read_jsonl(run_dir / 'metrics.jsonl')]
+
+
 def results(run_dir):
   with open(run_dir / 'results.json') as f:
     data = json.load(f)
@@ -89,10 +94,23 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run_bitwise(uni
   for path in expected:
     np.testing.assert_array_equal(got[path], expected[path], err_msg=path)
   # Metrics: every step once, as in the uninterrupted run (timings aside).
-  strip = lambda rs: [{k: v for k, v in r.items() if k not in ('images_per_s', 'time_s')}
-                      for r in rs]
-  assert (strip(workdir.read_jsonl(run_dir / 'metrics.jsonl')) ==
-          strip(workdir.read_jsonl(uninterrupted / 'metrics.jsonl')))
+  assert metrics_without_timings(run_dir) == metrics_without_timings(uninterrupted)
+
+
+def test_two_runs_started_together_one_refused_the_other_as_a_lone_run(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'run'
+  processes = [subprocess.Popen(main_command(run_dir, *RUN), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outputs = [process.communicate(timeout=300) for process in processes]
+  codes = sorted(process.returncode for process in processes)
+  assert codes == [0, 1], outputs
+  loser = next(err for process, (_, err) in zip(processes, outputs) if process.returncode)
+  winner = next(process.pid for process in processes if process.returncode == 0)
+  assert loser.strip().splitlines()[-1].startswith(
+      f'error: {run_dir} is in use by process {winner} (its lock: {run_dir}/.lock)')
+  assert results(run_dir) == results(uninterrupted)  # The survivor's files: a lone run's.
+  assert metrics_without_timings(run_dir) == metrics_without_timings(uninterrupted)
+  assert sorted(os.listdir(run_dir)) == sorted(os.listdir(uninterrupted))
 
 
 def unfinished_run(smoke_config, path, **changes):
