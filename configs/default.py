@@ -31,7 +31,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.parallel = 'pmap'  # 'pmap' | 'jit' (jax.jit + shard_map over a device mesh; one process).
   config.micro_batch_size = 0  # Per-device slices forward/backward, gradients summed; 0 = whole.
   config.num_seeds = 1  # Seeds seed, seed+1, ... trained together in one program (vmapped).
-  config.checkpoint_every_steps = 0  # Also checkpoint this often; 0 = at epoch ends only.
+  # Also checkpoint at the first chunk end (every log_every_steps) at least this many steps
+  # after the last checkpoint: a multiple of log_every_steps; 0 = at epoch ends only.
+  config.checkpoint_every_steps = 0
   config.keep_checkpoints = 2  # How many of the latest checkpoints to keep.
   # Stop when a logged training loss is non-finite or above this many times ln(num_classes),
   # a uniform guess's loss (a diverged run); 0 = only on non-finite losses.

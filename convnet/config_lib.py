@@ -9,7 +9,9 @@ and SCHEDULES) when validating, so an entry added there is a valid choice here.
 """
 
 import dataclasses
+import inspect
 import math
+import os
 import sys
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -162,6 +164,11 @@ def validate(config, available_devices: int) -> None:
     raise ConfigError(f'micro_batch_size={micro} does not divide the per-device batch of '
                       f'{per_device} (batch_size={flat["batch_size"]} over {num_devices} '
                       f'device(s)); use a divisor of {per_device}, or 0 for the whole batch')
+  every, log_every = flat['checkpoint_every_steps'], flat['log_every_steps']
+  if every and (not log_every or every % log_every):
+    raise ConfigError(f'checkpoint_every_steps={every}: checkpoints are written where a compiled '
+                      f'chunk of steps ends (every log_every_steps={log_every} steps; 0 = whole '
+                      f'epochs), so it must be a multiple of log_every_steps > 0')
   if micro and micro < per_device and 'batch' in flat['model.norm']:
     raise ConfigError(f'micro_batch_size={micro} with model.norm=\'batch\': BatchNorm would '
                       f'normalise over slices of {micro}, not the batch; use 0')
@@ -197,18 +204,57 @@ def check_shapes(blocks: Sequence[Mapping[str, Any]], image_shape: Sequence[int]
     if k > min(h, w):
       raise ConfigError(f'model.kernel_size: block {i} has a {k}x{k} kernel but its input is '
                         f'only {h}x{w}')
-    h, w = (shapes.conv_output_size(n, k, block['stride'], block['padding']) for n in (h, w))
-    pooled = [shapes.POOLS[block['pool']].output_size(n, block['pool_size'],
-                                                      block['pool_stride']) for n in (h, w)]
+    conv_h, conv_w = (shapes.conv_output_size(n, k, block['stride'], block['padding'])
+                      for n in (h, w))
+    pool = shapes.POOLS[block['pool']]
+    pooled = [pool.output_size(n, block['pool_size'], block['pool_stride'])
+              for n in (conv_h, conv_w)]
     if min(pooled) < 1:
-      raise ConfigError(f'model.pool_size: block {i} pools {block["pool_size"]}x'
-                        f'{block["pool_size"]} windows over a {h}x{w} feature map, leaving '
-                        f'less than 1x1')
+      # The stride is to blame if the window would have fit the map a stride of 1 leaves.
+      unstrided = shapes.conv_output_size(min(h, w), k, 1, block['padding'])
+      blame = ('model.stride' if block['stride'] > 1 and
+               pool.output_size(unstrided, block['pool_size'], block['pool_stride']) >= 1
+               else 'model.pool_size')
+      raise ConfigError(f'{blame}: block {i}\'s conv (kernel {k}, stride {block["stride"]}, '
+                        f'{block["padding"]}) takes {h}x{w} to {conv_h}x{conv_w}, which its '
+                        f'{block["pool_size"]}x{block["pool_size"]} pooling leaves less than 1x1')
     h, w = pooled
 
 
+def check_config_file(spec: str) -> None:
+  """Exits with one line if `--config PATH[:ARG]` cannot give a config: a missing or
+  unreadable file, a syntax error, no get_config, or an ARG its get_config cannot take."""
+  path, _, arg = spec.partition(':')
+  where = f'--config {spec}'
+  try:
+    with open(path) as f:
+      code = compile(f.read(), path, 'exec')
+  except SyntaxError as e:
+    sys.exit(f'error: {where}: line {e.lineno}: {e.msg}')
+  except OSError as e:
+    sys.exit(f'error: {where}: {e.strerror}')
+  namespace = {'__file__': os.path.abspath(path), '__name__': 'config_file'}
+  try:
+    exec(code, namespace)  # pylint: disable=exec-used
+    get_config = namespace.get('get_config')
+    if not callable(get_config):
+      sys.exit(f'error: {where}: the file defines no get_config()')
+    takes = len(inspect.signature(get_config).parameters)
+    if arg and not takes:
+      sys.exit(f'error: {where}: its get_config() takes no argument; use --config {path}')
+    get_config(arg) if takes and arg else get_config()  # pylint: disable=expression-not-assigned
+  except Exception as e:  # pylint: disable=broad-except  (any error in the user's file)
+    sys.exit(f'error: {where}: get_config() fails: {type(e).__name__}: {e}')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with a one-line message, not a traceback, for a bad --config override."""
+  """absl flag parsing with a one-line message, not a traceback, for a bad --config file
+  or override."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      check_config_file(arg.split('=', 1)[1])
+    elif arg == '--config' and i + 1 < len(argv):
+      check_config_file(argv[i + 1])
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -8,7 +8,9 @@ device memory, so batching, shuffling and normalisation happen on the device
 """
 
 import gzip
+import math
 import os
+import stat
 from typing import NamedTuple
 
 import jax
@@ -38,10 +40,25 @@ class Dataset(NamedTuple):
   std: float
 
 
+def check_path(path: str, kind: str) -> None:
+  """DataError naming `path` if it is missing, unreachable for lack of permission, or not
+  a `kind` ('file' or 'directory')."""
+  try:
+    is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+  except FileNotFoundError:
+    raise DataError(f'{path}: {kind} not found') from None
+  except PermissionError:
+    raise DataError(f'{path}: permission denied (check the permissions of its directories)') \
+        from None
+  if is_dir != (kind == 'directory'):
+    raise DataError(f'{path}: not a {kind}')
+  if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+    raise DataError(f'{path}: permission denied (cannot read this {kind})')
+
+
 def read_idx(path: str) -> np.ndarray:
   """Reads one IDX file (optionally gzipped) holding unsigned bytes."""
-  if not os.path.isfile(path):
-    raise DataError(f'{path}: file not found')
+  check_path(path, 'file')
   try:
     opener = gzip.open if path.endswith('.gz') else open
     with opener(path, 'rb') as f:
@@ -54,7 +71,7 @@ def read_idx(path: str) -> np.ndarray:
   ndim = data[3]
   header = 4 + 4 * ndim
   dims = tuple(int(d) for d in np.frombuffer(data[4:header], dtype='>u4'))
-  expected = int(np.prod(dims)) if len(dims) == ndim else -1
+  expected = math.prod(dims) if len(dims) == ndim else -1  # Exact, however large.
   if len(data) - header != expected:
     raise DataError(f'{path}: truncated or padded: header says shape {dims} '
                     f'({expected} bytes) but {len(data) - header} bytes follow it')
@@ -94,8 +111,10 @@ def load_splits(source: str, directory: str, name: str, num_classes: int,
                 download: bool = False, splits=('train', 'test')) -> dict[str, Split]:
   """{split: Split} from 'idx' files or 'tfds', with every label checked."""
   if source == 'idx':
-    if not os.path.isdir(directory):
-      raise DataError(f'{directory}: data directory not found (config key data.dir)')
+    try:
+      check_path(directory, 'directory')
+    except DataError as e:
+      raise DataError(f'{e} (config key data.dir)') from None
     loaded = {s: load_idx_split(directory, s) for s in splits}
     where = {s: os.path.join(directory, IDX_FILES[s][1]) for s in splits}
   elif source == 'tfds':

@@ -328,6 +328,9 @@ def restore_checkpoint(checkpoints, state: TrainState, keys, read_only: bool = F
 def load_data(config) -> input_pipeline.Dataset:
   data = input_pipeline.load_dataset(config.data.source, config.data.dir, config.data.name,
                                      config.model.num_classes, config.data.download)
+  if config.data.num_train > len(data.train.labels):
+    raise config_lib.ConfigError(f'data.num_train={config.data.num_train} but the training set '
+                                 f'holds {len(data.train.labels)} images')
   if config.data.num_train:
     data = data._replace(train=input_pipeline.Split(*(x[:config.data.num_train]
                                                       for x in data.train)))

@@ -162,6 +162,12 @@ def visualize(workdir: str, num_digits: int = 4) -> list[str]:
   test = input_pipeline.load_splits(config.data.source, config.data.dir, config.data.name,
                                     config.model.num_classes, config.data.download,
                                     splits=('test',))['test']
+  diff = workdir_lib.data_diff({'test': trained.data['test']}, {'test': workdir_lib.fingerprint(
+      test)}) if 'test' in trained.data else []
+  if diff:  # Figures of another test set would be captioned as this run's.
+    raise workdir_lib.ConfigMismatchError(
+        f'the test split in {config.data.dir} is not the one {workdir} was evaluated on ('
+        + '; '.join(diff) + ')')
   out = os.path.join(workdir, 'figures')
   os.makedirs(out, exist_ok=True)
   logits = np.concatenate([np.asarray(trained.apply(test.images[i:i + 1000]))

@@ -179,7 +179,7 @@ def data_record(data, config, num_devices: int) -> dict:
 def data_diff(saved: dict, new: dict) -> list[str]:
   """'split key: saved -> new' for each fingerprint field that differs."""
   return [f'{split} {key}: {saved.get(split, {}).get(key)!r} -> {new[split][key]!r}'
-          for split in ('train', 'test') for key in new[split]
+          for split in ('train', 'test') if split in new for key in new[split]
           if saved.get(split, {}).get(key) != new[split][key]]
 
 

@@ -385,7 +385,7 @@ def test_unwritable_workdir_is_an_error_naming_it(smoke_config, tmp_path):
 
 
 BAD_DATA = [
-    ('mnist: data directory not found', lambda d: shutil.rmtree(d)),
+    ('mnist: directory not found \\(config key data.dir\\)', lambda d: shutil.rmtree(d)),
     ('train-images-idx3-ubyte.gz', lambda d: (d / 'train-images-idx3-ubyte.gz').write_bytes(
         (d / 'train-images-idx3-ubyte.gz').read_bytes()[:5000])),
     ('t10k-labels-idx1-ubyte.gz', lambda d: shutil.copy(d / 't10k-images-idx3-ubyte.gz',

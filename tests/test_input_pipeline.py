@@ -102,12 +102,49 @@ def test_label_outside_class_range_names_file_and_key(tmp_path):
 
 
 def test_missing_directory_and_missing_file(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match='nowhere: data directory not found'):
+  with pytest.raises(input_pipeline.DataError, match='nowhere: directory not found'):
     input_pipeline.load_dataset('idx', str(tmp_path / 'nowhere'), 'x', 10)
   directory = make_idx_dir(tmp_path / 'd')
   os.remove(os.path.join(directory, 't10k-labels-idx1-ubyte.gz'))
   with pytest.raises(input_pipeline.DataError, match='t10k-labels-idx1-ubyte.gz: file not found'):
     input_pipeline.load_dataset('idx', directory, 'x', 10)
+
+
+def test_permission_problems_are_not_reported_as_missing_files(tmp_path, monkeypatch):
+  """Root reads everything, so the kernel's answers are stood in for: a file in a
+  directory without search permission (stat fails) and an unreadable file."""
+  directory = os.fspath(make_idx_dir(tmp_path / 'd'))
+  hidden = os.path.join(directory, 'train-images-idx3-ubyte.gz')
+  real_stat, real_access = os.stat, os.access
+
+  def stat(path, *args, **kwargs):
+    if os.fspath(path) == hidden:
+      raise PermissionError(13, 'Permission denied', path)
+    return real_stat(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, 'stat', stat)
+  with pytest.raises(input_pipeline.DataError,
+                     match='train-images-idx3-ubyte.gz: permission denied .*directories'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+  monkeypatch.setattr(os, 'stat', real_stat)
+  monkeypatch.setattr(os, 'access', lambda path, mode: os.fspath(path) != directory
+                      and real_access(path, mode))
+  with pytest.raises(input_pipeline.DataError,
+                     match=r'/d: permission denied \(cannot read this directory\) \(config key'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+  monkeypatch.setattr(os, 'access', real_access)
+  with pytest.raises(input_pipeline.DataError, match='train-images-idx3-ubyte.gz: not a directory'):
+    input_pipeline.load_dataset('idx', hidden, 'x', 10)
+
+
+def test_huge_idx_dimensions_report_exact_byte_counts(tmp_path):
+  path = str(tmp_path / 'huge.gz')
+  with gzip.open(path, 'wb') as f:  # Header: 3 dims of 2^32 - 1, then 10 bytes.
+    f.write(bytes([0, 0, 8, 3]) + np.array([2**32 - 1] * 3, '>u4').tobytes() + bytes(10))
+  with pytest.raises(input_pipeline.DataError, match=r'header says shape \(4294967295, '
+                     r'4294967295, 4294967295\) \(79228162458924105385300197375 bytes\) but 10 '
+                     r'bytes follow it'):
+    input_pipeline.read_idx(path)
 
 
 @pytest.mark.parametrize('name', ['mnist', 'fashion_mnist'])

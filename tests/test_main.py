@@ -96,6 +96,26 @@ def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
+def test_cli_bad_config_files_are_one_line_errors(tmp_path):
+  (tmp_path / 'broken.py').write_text('def get_config(:\n')
+  (tmp_path / 'empty.py').write_text('x = 1\n')
+  cases = [
+      (str(tmp_path / 'missing.py'), 'No such file or directory'),
+      (str(tmp_path / 'broken.py'), 'line 1: invalid syntax'),
+      (str(tmp_path / 'empty.py'), 'the file defines no get_config()'),
+      ('configs/best.py:smoke', 'its get_config() takes no argument; use --config configs/best.py'),
+      ('configs/default.py:nosuch', "get_config() fails: ValueError: unknown variant 'nosuch' of "
+                                   "configs/default.py; known: 'smoke'"),
+  ]
+  for config, message in cases:
+    done = subprocess.run(main_command(tmp_path / 'run', config=config), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, config
+    assert done.stderr.strip().splitlines() == [f'error: --config {config}: {message}'], (
+        done.stderr[-2000:])
+    assert not (tmp_path / 'run').exists()
+
+
 def test_cli_refuses_to_overwrite_a_finished_run(tmp_path):
   workdir = tmp_path / 'run'
   assert run_main(workdir, '--config.data.num_train=256').returncode == 0

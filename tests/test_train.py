@@ -244,7 +244,15 @@ BAD_CONFIGS = [
     ('model.kernel_size', lambda c: c.model.update(num_blocks=3, kernel_size=(9,),
                                                    padding=('VALID',)), '9x9 kernel'),
     ('model.pool_size', lambda c: c.model.update(num_blocks=5, kernel_size=(1,)),
-     'block 4 pools 2x2 windows over a 1x1 feature map'),
+     r"block 4's conv \(kernel 1, stride 1, SAME\) takes 1x1 to 1x1, which its 2x2 pooling"),
+    ('model.stride', lambda c: c.model.update(stride=(30,)),
+     r"block 0's conv \(kernel 3, stride 30, SAME\) takes 28x28 to 1x1"),
+    ('checkpoint_every_steps', lambda c: c.update(checkpoint_every_steps=7, log_every_steps=5),
+     'must be a multiple of log_every_steps > 0'),
+    ('checkpoint_every_steps', lambda c: c.update(checkpoint_every_steps=5, log_every_steps=0),
+     'must be a multiple of log_every_steps > 0'),
+    ('data.num_train', lambda c: c.data.update(num_train=60001),
+     'data.num_train=60001 but the training set holds 60000 images'),
 ]
 
 

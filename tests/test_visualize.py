@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import REPO
 from configs import default
-from convnet import inference, metric_writer, models, ops, predict, train, visualize
+from convnet import (inference, input_pipeline, metric_writer, models, ops, predict, train,
+                     visualize, workdir)
 from experiments import edge_filter
 
 
@@ -50,6 +51,14 @@ def test_every_figure_is_written_at_its_size(trained_run, monkeypatch):
   assert sizes['confusion_matrix.png'] == (650, 550)
   assert sizes['misclassified.png'] == (1040, 400)  # 16 mistakes, 2 rows of 8
   assert sizes['curves.png'] == (1200, 500)
+
+
+def test_visualize_refuses_a_test_split_other_than_the_runs(trained_run, mnist, monkeypatch):
+  fewer = {'test': input_pipeline.Split(mnist.test.images[:100], mnist.test.labels[:100])}
+  monkeypatch.setattr(input_pipeline, 'load_splits', lambda *args, **kwargs: fewer)
+  with pytest.raises(workdir.ConfigMismatchError, match=r'is not the one .* was evaluated on '
+                                                        r'\(test count: 10000 -> 100; '):
+    visualize.visualize(str(trained_run))
 
 
 def test_feature_maps_follow_the_blocks_shapes(smoke_config, mnist):
@@ -289,6 +298,19 @@ def test_edge_filters_light_up_strokes_and_pool_2x2(mnist):
   np.testing.assert_allclose(conv[0, ..., 0], expected, atol=1e-5)
 
 
+def test_colab_notebook_text_has_no_placeholder_and_keeps_the_runtimes_jax():
+  import nbformat  # pylint: disable=import-outside-toplevel
+  notebook = nbformat.read(os.path.join(REPO, 'notebooks', 'colab_tpu.ipynb'), as_version=4)
+  code = '\n'.join(cell.source for cell in notebook.cells if cell.cell_type == 'code')
+  assert 'YOUR-' not in code and 'example.com' not in code
+  assert "REPO = ''  # @param" in code  # A form field; empty means the clone it runs in.
+  for pin in ('jax[cpu]', 'jax==', 'jaxlib=='):
+    assert pin not in code, pin
+  assert "'tpu': 'jax[tpu]', 'gpu': 'jax[cuda12]'" in code and "'-c', '/tmp/keep_jax.txt'" in code
+  assert 'download=True' in code.split('if USE_TFDS:')[1]  # Only where tfds is asked for.
+  assert code.count('download=True') == 1
+
+
 def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path):
   import nbclient  # pylint: disable=import-outside-toplevel
   import nbformat  # pylint: disable=import-outside-toplevel
@@ -303,5 +325,7 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path):
   outputs = '\n'.join(o.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
                       for o in cell.outputs)
   assert 'test_accuracy' in outputs and 'model.filters | model.kernel_size' in outputs
-  assert (tmp_path / 'default' / 'figures' / 'feature_maps.png').exists()
+  assert f'convnet from {REPO}' in outputs and 'kernels: cpu' in outputs
+  [run_dir] = tmp_path.glob('default-*')  # A new directory per run of the cell.
+  assert (run_dir / 'figures' / 'feature_maps.png').exists()
   assert (tmp_path / 'sweep' / 'heatmap.png').exists()
