@@ -79,8 +79,9 @@ def training_timer(config, data, steps: int) -> dict:
                          parallel.replicated(devices))
   start = time.perf_counter()
   chunk = parallel.compile_now(train.parallel_train_chunk(
-      steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices, config.parallel,
-      config.micro_batch_size),
+      steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
+      how=config.parallel, micro_batch_size=config.micro_batch_size,
+      augment=(config.data.augment, config.data.augment_pixels)),
       state, images, labels, perms, dropout_keys)
   compile_s = time.perf_counter() - start
   state, _ = chunk(state, images, labels, perms, dropout_keys)  # Warm-up.

@@ -11,6 +11,7 @@ if none restores, `CheckpointError` names the directory and nothing is moved.
 
 import hashlib
 import json
+import logging
 import os
 import sys
 
@@ -21,6 +22,16 @@ import orbax.checkpoint as ocp
 
 SUBDIR = 'checkpoints'
 SUMS = 'sha256.json'  # In each step's directory: {relative path: sha256} of its other files.
+
+
+class _NotTheReadOnlyNotice(logging.Filter):
+  """Drops orbax's warning that a read-only manager's directory is read-only: asked for."""
+
+  def filter(self, record):
+    return 'is read only' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_NotTheReadOnlyNotice())
 
 
 class CheckpointError(RuntimeError):
@@ -39,8 +50,11 @@ def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointM
   if read_only and not os.path.isdir(directory):
     raise CheckpointError(f'{directory} not found: {workdir} holds no checkpoint')
   os.makedirs(directory, exist_ok=True)
+  read_only = read_only or process != 0
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=False, read_only=read_only or process != 0,
+      # Read-only managers keep and save nothing (said so, else orbax warns it changed them).
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      create=False, read_only=read_only,
       enable_async_checkpointing=False,
       # Every process restores on its own; only process 0 saves (host numpy arrays).
       multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -56,8 +70,11 @@ def file_sums(path: str) -> dict[str, str]:
       full = os.path.join(root, name)
       relative = os.path.relpath(full, path)
       if relative != SUMS:
+        digest = hashlib.sha256()
         with open(full, 'rb') as f:
-          sums[relative] = hashlib.file_digest(f, 'sha256').hexdigest()
+          for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+        sums[relative] = digest.hexdigest()
   return dict(sorted(sums.items()))
 
 

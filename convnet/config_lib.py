@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 from absl import flags
 
-from convnet import models, ops, optim, shapes
+from convnet import input_pipeline, models, ops, optim, shapes
 
 MAX_SEED = 2**31 - 1
 
@@ -82,6 +82,8 @@ SCHEMA = {
     'progress': Key(bool),
     'data.source': Key(str, choices=('idx', 'tfds')),
     'data.dir': Key(str),
+    'data.augment': Key(str, choices=input_pipeline.AUGMENTATIONS),
+    'data.augment_pixels': Key(int, rule=NON_NEGATIVE),
     'data.name': Key(str),
     'data.download': Key(bool),
     'data.num_train': Key(int, rule=NON_NEGATIVE),

@@ -7,14 +7,19 @@ device memory, so batching, shuffling and normalisation happen on the device
 (see train.py), from the functions here.
 """
 
+import glob
 import gzip
+import json
 import math
 import os
+import socket
 import stat
+import threading
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 IDX_FILES = {
@@ -22,6 +27,9 @@ IDX_FILES = {
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 _IDX_UINT8 = 0x08
+SHIPPED_MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'data', 'mnist')
+TFDS_HOST = ('storage.googleapis.com', 443)  # Where tfds downloads prepared data from.
 
 
 class DataError(ValueError):
@@ -36,8 +44,8 @@ class Split(NamedTuple):
 class Dataset(NamedTuple):
   train: Split
   test: Split
-  mean: float  # of the training images scaled to [0, 1]
-  std: float
+  mean: tuple[float, ...]  # per channel, of the training images scaled to [0, 1]
+  std: tuple[float, ...]
 
 
 def check_path(path: str, kind: str) -> None:
@@ -91,14 +99,70 @@ def load_idx_split(directory: str, split: str) -> Split:
   return Split(images[..., None], labels.astype(np.int32))
 
 
-def load_tfds_split(name: str, split: str, data_dir: str | None, download: bool) -> Split:
-  """Reads a whole split through `tfds.data_source` (random access, no TensorFlow)."""
+def data_dir(source: str, directory: str) -> str | None:
+  """data.dir as the loaders take it: '~' and $VARS expanded; '' is the source's default,
+  the MNIST files shipped in data/mnist for 'idx' and tfds's own data dir (None) for 'tfds'."""
+  directory = os.path.expandvars(os.path.expanduser(directory))
+  if directory:
+    return directory
+  return SHIPPED_MNIST if source == 'idx' else None
+
+
+def check_reachable(host: tuple[str, int], timeout: float = 15.0) -> str | None:
+  """Why `host` cannot be reached within `timeout` seconds (DNS included), or None."""
+  outcome = ['no answer within %d s' % timeout]
+
+  def connect():
+    try:
+      socket.create_connection(host, timeout=timeout).close()
+      outcome[0] = None
+    except OSError as e:
+      outcome[0] = str(e)
+
+  thread = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout.
+  thread.start()
+  thread.join(timeout)
+  return outcome[0]
+
+
+def prepared_formats(name: str, directory: str) -> list[str]:
+  """The file formats of the prepared versions of tfds dataset `name` under directory."""
+  formats = []
+  for info in sorted(glob.glob(os.path.join(directory, *name.split('/'), '*', 'dataset_info.json'))):
+    try:
+      with open(info) as f:
+        formats.append(json.load(f).get('fileFormat', 'tfrecord').lower())
+    except (OSError, ValueError):
+      formats.append('unreadable')
+  return formats
+
+
+def load_tfds_split(name: str, split: str, directory: str | None, download: bool) -> Split:
+  """Reads a whole split through `tfds.data_source` (random access, no TensorFlow).
+
+  With download, tfds's servers must answer first (offline, tfds retries DNS for
+  minutes); a dataset that does not open is explained from what is prepared on disk."""
   import tensorflow_datasets as tfds  # Imported here: the IDX path never needs it.
+  where = f'tfds dataset {name!r} in {directory or tfds.core.constants.DATA_DIR}'
+  if download:
+    problem = check_reachable(TFDS_HOST)
+    if problem:
+      raise DataError(f'{where}: data.download=True but {TFDS_HOST[0]} cannot be reached '
+                      f'({problem}); prepare it where there is a network and set data.dir to '
+                      f'that data dir')
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=download)
+    source = tfds.data_source(name, split=split, data_dir=directory, download=download)
   except Exception as e:  # tfds raises many types for a missing or unprepared dataset.
-    raise DataError(f'tfds dataset {name!r} (split {split!r}, data_dir {data_dir!r}) '
-                    f'cannot be opened: {e}') from e
+    formats = prepared_formats(name, directory or tfds.core.constants.DATA_DIR)
+    if not formats:
+      raise DataError(f'{where}: not prepared there (config key data.dir); set '
+                      f'data.download=True to download and prepare it, or data.dir to the '
+                      f'tfds data dir holding it') from e
+    if not {'array_record', 'parquet'} & set(formats):
+      raise DataError(f'{where}: prepared only as {", ".join(sorted(set(formats)))}, which '
+                      f'tfds.data_source cannot read without TensorFlow; prepare it with '
+                      f'`tfds build {name} --file_format=array_record`') from e
+    raise DataError(f'{where}, split {split!r}, cannot be opened: {e}') from e
   records = [source[i] for i in range(len(source))]
   images = np.stack([np.asarray(r['image'], np.uint8) for r in records])
   labels = np.array([r['label'] for r in records], np.int32)
@@ -110,6 +174,7 @@ def load_tfds_split(name: str, split: str, data_dir: str | None, download: bool)
 def load_splits(source: str, directory: str, name: str, num_classes: int,
                 download: bool = False, splits=('train', 'test')) -> dict[str, Split]:
   """{split: Split} from 'idx' files or 'tfds', with every label checked."""
+  directory = data_dir(source, directory)
   if source == 'idx':
     try:
       check_path(directory, 'directory')
@@ -144,21 +209,51 @@ def load_dataset(source: str, directory: str, name: str, num_classes: int,
   return Dataset(splits['train'], splits['test'], mean, std)
 
 
-def pixel_mean_std(images: np.ndarray) -> tuple[float, float]:
-  """Mean and std of the images scaled to [0, 1], from a histogram of the 256 uint8
-  values: exact, and 20x faster than converting 47M pixels to float64."""
+def pixel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std of [n, h, w, c] images scaled to [0, 1], from a histogram
+  of the 256 uint8 values per channel: exact, and far faster than converting to float."""
   if images.dtype != np.uint8:
-    pixels = images.astype(np.float64) / 255.0
-    return float(pixels.mean()), float(pixels.std())
-  counts = np.bincount(images.ravel(), minlength=256).astype(np.float64)
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(map(float, pixels.mean(axis=0))), tuple(map(float, pixels.std(axis=0)))
+  means, stds = [], []
   values = np.arange(256) / 255.0
-  mean = counts @ values / counts.sum()
-  return float(mean), float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))
+  for c in range(images.shape[-1]):
+    counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+    mean = counts @ values / counts.sum()
+    means.append(float(mean))
+    stds.append(float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum())))
+  return tuple(means), tuple(stds)
 
 
-def normalize(images, mean: float, std: float):
-  """uint8 images -> float32 with the training set's mean 0 and std 1 (runs on device)."""
+def normalize(images, mean, std):
+  """uint8 [..., c] images -> float32 with the training set's per-channel mean 0 and std 1
+  (runs on device); mean and std: one value per channel, or one for all."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+AUGMENTATIONS = ('none', 'shift', 'crop_flip')
+
+
+def augment(images, key: jax.Array, kind: str, pixels: int):
+  """uint8 [b, h, w, c] images, each moved at random (on the device, inside the step).
+
+  'shift': translated by up to `pixels` in each direction, the border filled with 0
+  (MNIST's background); 'crop_flip': the same (pad with zeros and crop, the CIFAR
+  standard) plus a horizontal flip of half the images; 'none' returns them as they are.
+  """
+  if kind == 'none' or not pixels and kind == 'shift':
+    return images
+  b, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)))
+  shift_key, flip_key = jax.random.split(key)
+  offsets = jax.random.randint(shift_key, (b, 2), 0, 2 * pixels + 1)
+  moved = jax.vmap(lambda image, o: lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))(
+      padded, offsets)
+  if kind == 'crop_flip':
+    flip = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
+    moved = jnp.where(flip, moved[:, :, ::-1], moved)
+  return moved
 
 
 def epoch_permutation(key: jax.Array, epoch, num_examples: int) -> jax.Array:

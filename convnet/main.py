@@ -42,6 +42,9 @@ def main(argv: list[str]) -> None:
     parallel.force_cpu_devices(CPU_DEVICES.value)
   if COORDINATOR.value:
     parallel.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+  elif parallel.cluster():  # The cluster tells JAX the processes; no flags needed.
+    print(f'{parallel.cluster()}: jax.distributed.initialize()', flush=True)
+    parallel.initialize_distributed()
   try:
     train.train_and_evaluate(CONFIG.value, WORKDIR.value, ALLOW_CONFIG_CHANGE.value)
   except train.Interrupted as e:

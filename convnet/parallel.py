@@ -17,11 +17,39 @@ from jax.sharding import PartitionSpec as P
 AXIS = 'batch'
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int):
-  """jax.distributed.initialize, with gloo collectives so CPU processes can talk."""
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None):
+  """jax.distributed.initialize, with gloo collectives so CPU processes can talk. Without
+  arguments JAX reads them from the cluster (SLURM, a TPU pod slice)."""
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def cluster(environ=os.environ) -> str | None:
+  """Which multi-process cluster the environment describes, or None for one process.
+
+  SLURM with more than one task, or a TPU pod slice (several TPU worker hosts): both
+  are what jax.distributed.initialize() detects by itself."""
+  tasks = int(environ.get('SLURM_NTASKS') or environ.get('SLURM_NPROCS') or 1)
+  if environ.get('SLURM_JOB_ID') and tasks > 1:
+    return f'SLURM job {environ["SLURM_JOB_ID"]} ({tasks} tasks)'
+  hosts = [h for h in environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
+  if len(hosts) > 1:
+    return f'TPU pod slice ({len(hosts)} hosts)'
+  return None
+
+
+def slurm_array_worker(environ=os.environ) -> tuple[int, int] | None:
+  """(num_workers, worker_index) of a SLURM array task, or None outside one."""
+  if 'SLURM_ARRAY_TASK_ID' not in environ:
+    return None
+  first = int(environ.get('SLURM_ARRAY_TASK_MIN', 0))
+  return (int(environ['SLURM_ARRAY_TASK_COUNT']),
+          int(environ['SLURM_ARRAY_TASK_ID']) - first)
 
 
 def force_cpu_devices(count: int) -> None:

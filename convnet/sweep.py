@@ -194,7 +194,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     points = load_sweep(flags.FLAGS['config'].config_filename)
-    rows = run(CONFIG.value, points, WORKDIR.value, NUM_WORKERS.value, WORKER_INDEX.value)
+    num_workers, worker_index = NUM_WORKERS.value, WORKER_INDEX.value
+    if num_workers is None and worker_index is None:  # A SLURM array task says which.
+      num_workers, worker_index = parallel.slurm_array_worker() or (1, 0)
+    rows = run(CONFIG.value, points, WORKDIR.value, num_workers or 1, worker_index or 0)
   except train.Interrupted as e:
     print(f'stopped: {e}', file=sys.stderr)
     sys.exit(train.EXIT_INTERRUPTED)
@@ -207,7 +210,9 @@ if __name__ == '__main__':
   CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. '
                                            'experiments/filters_kernel.py.', lock_config=True)
   WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: one sub-workdir per point.')
-  NUM_WORKERS = flags.DEFINE_integer('num_workers', 1, 'Split the points over this many workers.')
-  WORKER_INDEX = flags.DEFINE_integer('worker_index', 0, 'Which worker this is, 0-based.')
+  NUM_WORKERS = flags.DEFINE_integer('num_workers', None, 'Split the points over this many '
+                                     'workers (default: a SLURM array\'s task count, else 1).')
+  WORKER_INDEX = flags.DEFINE_integer('worker_index', None, 'Which worker this is, 0-based '
+                                      '(default: the SLURM array task\'s index, else 0).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -142,14 +142,19 @@ def epoch_permutations(data_keys: jax.Array, epoch: int, num_examples: int) -> j
       data_keys, epoch, num_examples)
 
 
-def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int, mean: float,
-                     std: float, micro_batch_size: int = 0):
+AUGMENT_STREAM = 0x617567  # Folded into a seed's dropout key: augmentation's own stream.
+
+
+def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int, mean, std,
+                     micro_batch_size: int = 0, augment: tuple[str, int] = ('none', 0)):
   """A function running num_steps of train_step for every seed, over device-resident data.
 
   Global batch j of an epoch is perm[j*B:(j+1)*B] whatever the number of devices,
   and device d takes its d-th slice of it; the chunk starts at the batch
   `state.step` points to, so chunks of any length give the same data order.
-  Seeds are a vmapped leading axis of state, perm and dropout_key.
+  Seeds are a vmapped leading axis of state, perm and dropout_key. `augment` (kind,
+  pixels) moves the batch's images on the device, keyed by seed, step and device, so a
+  resumed run draws the same moves.
   """
 
   def chunk(state, images, labels, perm, dropout_key):
@@ -159,7 +164,10 @@ def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int
     def body(state, i):
       idx = lax.dynamic_slice(perm, (first + i * per_device_batch * num_devices,),
                               (per_device_batch,))
-      batch = {'image': input_pipeline.normalize(images[idx], mean, std), 'label': labels[idx]}
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
+          dropout_key, AUGMENT_STREAM), state.step), lax.axis_index(AXIS))
+      moved = input_pipeline.augment(images[idx], key, *augment)
+      batch = {'image': input_pipeline.normalize(moved, mean, std), 'label': labels[idx]}
       return train_step(state, batch, dropout_key, micro_batch_size=micro_batch_size)
 
     return lax.scan(body, state, jnp.arange(num_steps))
@@ -167,7 +175,7 @@ def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int
   return jax.vmap(chunk, in_axes=(0, None, None, 0, 0))
 
 
-def make_evaluate(mean: float, std: float):
+def make_evaluate(mean, std):
   """A function summing eval_step over this device's [steps, batch, ...] test shard, per seed."""
 
   def evaluate(state, images, labels, mask):
@@ -188,20 +196,20 @@ def make_evaluate(mean: float, std: float):
   return jax.vmap(evaluate, in_axes=(0, None, None, None))
 
 
-def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, mean: float,
-                         std: float, devices, how: str = 'pmap',
-                         micro_batch_size: int = 0) -> Callable:
+def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, mean, std,
+                         devices, how: str = 'pmap', micro_batch_size: int = 0,
+                         augment: tuple[str, int] = ('none', 0)) -> Callable:
   """(states, images, labels, perms, dropout_keys) -> (states, per-step metrics [steps, seeds]).
 
   The states passed in are donated: their buffers hold the new states.
   """
   chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std,
-                           micro_batch_size)
+                           micro_batch_size, augment)
   return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None), how=how,
                               donate_argnums=(0,))
 
 
-def parallel_evaluate(mean: float, std: float, devices, how: str = 'pmap') -> Callable:
+def parallel_evaluate(mean, std, devices, how: str = 'pmap') -> Callable:
   """(state, images, labels, mask), each from shard_for_eval -> summed test metrics."""
   return parallel.parallelize(make_evaluate(mean, std), devices, in_axes=(None, 0, 0, 0),
                               how=how)
@@ -451,7 +459,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           out.note(f'compiling the training step ({num_steps} steps per call)...')
           compiled_chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
               num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
-              config.parallel, config.micro_batch_size), *args)
+              how=config.parallel, micro_batch_size=config.micro_batch_size,
+              augment=(config.data.augment, config.data.augment_pixels)), *args)
           compile_time += time.time() - start
         return compiled_chunks[num_steps]
 

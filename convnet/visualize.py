@@ -74,8 +74,8 @@ def plot_feature_maps(path: str, images: np.ndarray, maps, channels: int = 6) ->
   fig, axes = plt.subplots(len(images), columns, figsize=(columns * width, len(images) * 1.1),
                            squeeze=False)
   for n, image in enumerate(images):
-    axes[n, 0].imshow(image[..., 0], cmap='gray')
-    axes[n, 0].set_title('input 28x28' if n == 0 else '', fontsize=7)
+    axes[n, 0].imshow(image if image.shape[-1] == 3 else image[..., 0], cmap='gray')
+    axes[n, 0].set_title(f'input {image.shape[0]}x{image.shape[1]}' if n == 0 else '', fontsize=7)
     for m, (name, fmap) in enumerate(maps):
       for c in range(min(channels, fmap.shape[-1])):
         ax = axes[n, 1 + m * channels + c]
@@ -117,7 +117,7 @@ def plot_misclassified(path: str, images, labels, probabilities, count: int = 16
   rows = max(1, -(-len(wrong) // columns))
   fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 2.0), squeeze=False)
   for ax, i in zip(axes.flat, wrong):
-    ax.imshow(images[i, ..., 0], cmap='gray')
+    ax.imshow(images[i] if images.shape[-1] == 3 else images[i, ..., 0], cmap='gray')
     ax.set_title(f'true {labels[i]}, said {predictions[i]}\n'
                  f'p={probabilities[i, predictions[i]]:.2f}', fontsize=7)
   for ax in axes.flat:
@@ -165,8 +165,9 @@ def visualize(workdir: str, num_digits: int = 4) -> list[str]:
   diff = workdir_lib.data_diff({'test': trained.data['test']}, {'test': workdir_lib.fingerprint(
       test)}) if 'test' in trained.data else []
   if diff:  # Figures of another test set would be captioned as this run's.
+    where = input_pipeline.data_dir(config.data.source, config.data.dir) or 'tfds'
     raise workdir_lib.ConfigMismatchError(
-        f'the test split in {config.data.dir} is not the one {workdir} was evaluated on ('
+        f'the test split in {where} is not the one {workdir} was evaluated on ('
         + '; '.join(diff) + ')')
   out = os.path.join(workdir, 'figures')
   os.makedirs(out, exist_ok=True)

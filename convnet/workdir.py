@@ -172,7 +172,7 @@ def data_record(data, config, num_devices: int) -> dict:
   the device count it was split over)."""
   return {'image_shape': list(data.train.images.shape[1:]), 'num_devices': num_devices,
           'num_classes': int(config.model.num_classes),
-          'mean': float(data.mean), 'std': float(data.std),
+          'mean': [float(m) for m in data.mean], 'std': [float(s) for s in data.std],
           'train': fingerprint(data.train), 'test': fingerprint(data.test)}
 
 

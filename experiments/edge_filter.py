@@ -44,7 +44,7 @@ def edge_filter_figure(path: str, images: np.ndarray) -> str:
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
-  data = input_pipeline.load_dataset('idx', default.get_config().data.dir, 'mnist', 10)
+  data = input_pipeline.load_dataset('idx', input_pipeline.SHIPPED_MNIST, 'mnist', 10)
   digits = data.test.images[[int(np.flatnonzero(data.test.labels == d)[0]) for d in (1, 4, 7, 0)]]
   os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
   print('wrote ' + edge_filter_figure(flags.FLAGS.out, digits))

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from conftest import REPO, fingerprint, main_command
+from conftest import MNIST_DIR, REPO, fingerprint, main_command
 from convnet import checkpoint, config_lib, inference, input_pipeline, train, workdir
 
 # 4,096 images = 32 steps per epoch; a chunk and a checkpoint every 4 steps.
@@ -165,7 +165,7 @@ def test_resume_on_other_data_is_refused_naming_the_difference(smoke_config, tmp
   run_dir, finished = copy_of(crashed_runs, 1, tmp_path)
   before = fingerprint(run_dir)
   other = tmp_path / 'other'
-  shutil.copytree(smoke_config.data.dir, other)
+  shutil.copytree(MNIST_DIR, other)
   for name in ('images-idx3-ubyte.gz', 'labels-idx1-ubyte.gz'):  # Test digits as training set.
     shutil.copy(other / f't10k-{name}', other / f'train-{name}')
   smoke_config.data.dir = str(other)
@@ -174,7 +174,7 @@ def test_resume_on_other_data_is_refused_naming_the_difference(smoke_config, tmp
     train.train_and_evaluate(smoke_config, str(run_dir))
   assert fingerprint(run_dir) == before
   moved = tmp_path / 'moved'
-  shutil.copytree(default.get_config().data.dir, moved)
+  shutil.copytree(MNIST_DIR, moved)
   smoke_config.data.dir = str(moved)
   train.train_and_evaluate(smoke_config, str(run_dir))
   assert results(run_dir) == {k: v for k, v in finished.items() if k.startswith('test_')}
@@ -399,7 +399,7 @@ def test_bad_data_or_config_on_an_existing_run_changes_nothing(smoke_config, tmp
   run_dir, _ = copy_of(crashed_runs, 1, tmp_path)
   before = fingerprint(run_dir)
   data_dir = tmp_path / 'mnist'
-  shutil.copytree(smoke_config.data.dir, data_dir)
+  shutil.copytree(MNIST_DIR, data_dir)
   damage(data_dir)
   smoke_config.data.dir = str(data_dir)  # data.dir may change on resume; bad files may not.
   with pytest.raises(input_pipeline.DataError, match=culprit):

@@ -2,9 +2,12 @@
 
 import gzip
 import hashlib
+import json
 import os
+import socket
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -29,8 +32,8 @@ def test_mnist_shapes_labels_and_normalisation_constants(mnist):
   assert np.bincount(mnist.test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958,
                                                       1028, 974, 1009]
   # The widely quoted MNIST constants (torchvision's Normalize((0.1307,), (0.3081,))).
-  assert mnist.mean == pytest.approx(0.1307, abs=1e-4)
-  assert mnist.std == pytest.approx(0.3081, abs=1e-4)
+  assert mnist.mean == pytest.approx((0.1307,), abs=1e-4)
+  assert mnist.std == pytest.approx((0.3081,), abs=1e-4)
   x = np.asarray(input_pipeline.normalize(mnist.train.images[:20000], mnist.mean, mnist.std))
   assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01
 
@@ -156,8 +159,41 @@ def test_tfds_data_source_path(name):
 
 
 def test_tfds_without_prepared_data_is_a_clear_error_not_a_download(tmp_path):
-  with pytest.raises(input_pipeline.DataError, match=r"tfds dataset 'mnist'.*cannot be opened"):
+  with pytest.raises(input_pipeline.DataError, match=f"tfds dataset 'mnist' in {tmp_path}: not "
+                                                     f"prepared there .*data.download=True"):
     input_pipeline.load_dataset('tfds', str(tmp_path), 'mnist', 10, download=False)
+  # Prepared by tfds.load (TFRecord): named, with how to prepare it for data_source.
+  info = tmp_path / 'mnist' / '3.0.1' / 'dataset_info.json'
+  info.parent.mkdir(parents=True)
+  info.write_text(json.dumps({'name': 'mnist', 'fileFormat': 'tfrecord'}))
+  with pytest.raises(input_pipeline.DataError, match=r'prepared only as tfrecord, which '
+                     r'tfds.data_source cannot read .*--file_format=array_record'):
+    input_pipeline.load_dataset('tfds', str(tmp_path), 'mnist', 10, download=False)
+
+
+def test_tfds_download_offline_fails_fast_naming_the_host(tmp_path, monkeypatch):
+  attempts = []
+
+  def offline(address, timeout=None):
+    attempts.append((address, timeout))
+    raise socket.gaierror(-3, 'Temporary failure in name resolution')
+
+  monkeypatch.setattr(socket, 'create_connection', offline)
+  monkeypatch.setattr(tfds, 'data_source', lambda *a, **k: pytest.fail('tfds was called'))
+  with pytest.raises(input_pipeline.DataError, match=r'data.download=True but '
+                     r'storage.googleapis.com cannot be reached \(.*name resolution\)'):
+    input_pipeline.load_dataset('tfds', str(tmp_path), 'mnist', 10, download=True)
+  assert attempts == [(('storage.googleapis.com', 443), 15.0)]
+
+
+def test_data_dir_expands_and_defaults_per_source(monkeypatch):
+  monkeypatch.setenv('HOME', '/home/someone')
+  monkeypatch.setenv('DATA', '/mnt/data')
+  assert input_pipeline.data_dir('tfds', '~/tensorflow_datasets') == (
+      '/home/someone/tensorflow_datasets')
+  assert input_pipeline.data_dir('idx', '$DATA/fashion') == '/mnt/data/fashion'
+  assert input_pipeline.data_dir('tfds', '') is None  # tfds's own data dir
+  assert input_pipeline.data_dir('idx', '') == MNIST_DIR  # The shipped files.
 
 
 def test_epoch_permutation_is_a_seeded_permutation():
@@ -177,7 +213,36 @@ def test_pad_to_multiple_masks_the_padding(mnist):
 
 def test_pixel_mean_std_from_the_histogram_equals_numpy_on_the_pixels(mnist):
   pixels = mnist.train.images.astype(np.float64) / 255.0
-  assert abs(mnist.mean - pixels.mean()) < 1e-12 and abs(mnist.std - pixels.std()) < 1e-12
-  assert 0.13 < mnist.mean < 0.131 and 0.308 < mnist.std < 0.309  # MNIST's known values
-  mean, std = input_pipeline.pixel_mean_std(np.array([[0, 255]], np.int32))  # not uint8
-  assert (mean, std) == (0.5, 0.5)
+  assert abs(mnist.mean[0] - pixels.mean()) < 1e-12 and abs(mnist.std[0] - pixels.std()) < 1e-12
+  assert 0.13 < mnist.mean[0] < 0.131 and 0.308 < mnist.std[0] < 0.309  # MNIST's known values
+  rgb = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3)).astype(np.uint8)
+  rgb[..., 2] //= 4  # Per channel: the blue channel is darker.
+  mean, std = input_pipeline.pixel_mean_std(rgb)
+  reference = rgb.reshape(-1, 3) / 255.0
+  np.testing.assert_allclose(mean, reference.mean(axis=0), atol=1e-12)
+  np.testing.assert_allclose(std, reference.std(axis=0), atol=1e-12)
+  mean, std = input_pipeline.pixel_mean_std(np.array([[[0], [255]]], np.int32))  # not uint8
+  assert (mean, std) == ((0.5,), (0.5,))
+
+
+@pytest.mark.parametrize('kind', ['shift', 'crop_flip'])
+def test_augment_moves_each_image_within_its_range(mnist, kind):
+  images = mnist.train.images[:64]
+  moved = np.asarray(input_pipeline.augment(jnp.asarray(images), jax.random.key(0), kind, 2))
+  assert moved.shape == images.shape and moved.dtype == np.uint8
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))  # NumPy reference: zero border.
+  flips = (False, True) if kind == 'crop_flip' else (False,)
+  offsets, flipped = set(), 0
+  for image, out in zip(padded, moved):
+    matches = [(dy, dx, flip) for dy in range(5) for dx in range(5) for flip in flips
+               if np.array_equal(out, image[dy:dy + 28, dx:dx + 28][:, ::-1] if flip
+                                 else image[dy:dy + 28, dx:dx + 28])]
+    assert matches, 'an image that is no move of its input'
+    offsets.add(matches[0][:2])
+    flipped += all(flip for _, _, flip in matches)
+  assert len(offsets) > 10  # Moves drawn per image, not one for the batch.
+  if kind == 'crop_flip':
+    assert 10 < flipped < 54
+  np.testing.assert_array_equal(  # Keyed: the same key draws the same moves.
+      input_pipeline.augment(jnp.asarray(images), jax.random.key(0), kind, 2), moved)
+  assert input_pipeline.augment(images, jax.random.key(0), 'none', 2) is images

@@ -45,7 +45,8 @@ def test_cli_trains_and_writes_every_output(tmp_path):
   with open(tmp_path / 'run' / 'data.json') as f:
     data = json.load(f)  # What predict and visualize need, and what was trained on.
   assert data['image_shape'] == [28, 28, 1] and data['num_classes'] == 10
-  assert abs(data['mean'] - 0.1307) < 1e-4 and abs(data['std'] - 0.3081) < 1e-4  # MNIST's
+  assert data['mean'] == pytest.approx([0.1307], abs=1e-4)  # MNIST's, one per channel
+  assert data['std'] == pytest.approx([0.3081], abs=1e-4)
   assert data['train']['count'] == 512 and data['test']['count'] == 10000
   assert len(data['train']['sha256']) == 64 and data['train']['sha256'] != data['test']['sha256']
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:

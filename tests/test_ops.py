@@ -8,7 +8,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from configs import best, default, keras_convnet
+from configs import best, cifar10, default, fashion_mnist, keras_convnet
 from convnet import config_lib, parallel, shapes, train, workdir
 from references import ALL_OPS, OPS_IDS, numpy_conv, numpy_conv_gradients, numpy_pool
 
@@ -95,16 +95,22 @@ def test_pooling_values_and_gradients_match_lax_reduce_window(mnist, ops_, kind,
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('config_module', [default, keras_convnet, best])
-def test_parameters_from_one_backend_give_the_same_logits_on_the_other(mnist, config_module):
+@pytest.mark.parametrize('config_module,image_shape', [
+    (default, (28, 28, 1)), (keras_convnet, (28, 28, 1)), (best, (28, 28, 1)),
+    (fashion_mnist, (28, 28, 1)), (cifar10, (32, 32, 3))])
+def test_parameters_from_one_backend_give_the_same_logits_on_the_other(config_module,
+                                                                      image_shape):
   """A checkpoint moves between CPU and GPU/TPU: same parameter tree, same function
-  (best.py: BatchNorm in the CPU kernels' CHWN layout against NHWC)."""
+  (best.py: BatchNorm in the CPU kernels' CHWN layout against NHWC); every shipped
+  config, on its dataset's image shape."""
   config = config_module.get_config()
+  train.validate(config)
+  config_lib.check_shapes(config_lib.block_settings(config.model), image_shape)
   config.model.ops = 'cpu'
   cpu_model = train.build_model(config.model, axis_name=None)
   config.model.ops = 'xla'
   xla_model = train.build_model(config.model, axis_name=None)
-  x = jnp.asarray(mnist.test.images[:16] / 255.0, jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (16, *image_shape))
   cpu_vars = cpu_model.init(jax.random.key(0), x)
   xla_vars = xla_model.init(jax.random.key(0), x)
   assert jax.tree_util.tree_structure(cpu_vars) == jax.tree_util.tree_structure(xla_vars)

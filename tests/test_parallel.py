@@ -6,10 +6,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import REPO, main_command
-from convnet import workdir
+from convnet import parallel, workdir
 
 # Dropout off: its masks are drawn per device, so they depend on the device count.
 RUN = ('--config.data.num_train=2048', '--config.model.dropout=0.0', '--config.batch_size=32',
@@ -74,3 +75,24 @@ def test_keep_freed_memory_reuses_freed_blocks_without_page_faults():
   pages = 40_000_000 // 4096
   assert faults['default'] > 15 * pages  # glibc gives each freed block back to the OS...
   assert faults['keep'] < 2 * pages  # ...and now keeps the first one for the other 19.
+
+
+def test_clusters_are_recognised_from_their_environment():
+  assert parallel.cluster({}) is None
+  assert parallel.cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}) is None  # One process.
+  assert parallel.cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}) == 'SLURM job 7 (4 tasks)'
+  assert parallel.cluster({'TPU_WORKER_HOSTNAMES': 'localhost'}) is None  # A single TPU VM.
+  assert parallel.cluster({'TPU_WORKER_HOSTNAMES': 'w-0,w-1,w-2,w-3'}) == (
+      'TPU pod slice (4 hosts)')
+  assert parallel.slurm_array_worker({}) is None
+  assert parallel.slurm_array_worker({'SLURM_ARRAY_TASK_ID': '12', 'SLURM_ARRAY_TASK_MIN': '10',
+                                      'SLURM_ARRAY_TASK_COUNT': '3'}) == (3, 2)
+
+
+def test_a_cluster_initialises_jax_distributed_without_flags(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append((a, k)))
+  monkeypatch.setattr(jax.config, 'update', lambda *a: None)  # Keep this process's settings.
+  parallel.initialize_distributed()
+  parallel.initialize_distributed('host:1234', 2, 1)
+  assert calls == [((), {}), (('host:1234',), {'num_processes': 2, 'process_id': 1})]

@@ -116,6 +116,13 @@ def test_a_killed_sweep_reruns_only_the_missing_points_and_reports_them(tmp_path
                           str(sweep_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert again.returncode == 0, again.stderr
   assert (sweep_dir / 'results.md').read_text().splitlines() == markdown
+  # A SLURM array task (ids 4-5) is a worker of the sweep without --num_workers/--worker_index.
+  slurm = {**os.environ, 'SLURM_ARRAY_TASK_ID': '5', 'SLURM_ARRAY_TASK_MIN': '4',
+           'SLURM_ARRAY_TASK_COUNT': '2'}
+  task = subprocess.run(sweep_command(experiment, sweep_dir), cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=slurm)
+  assert task.returncode == 0, task.stderr
+  assert '2 points, 1 for worker 1 of 2, 1 already done' in task.stdout
 
 
 def test_every_point_is_checked_before_the_first_trains(smoke_config, tmp_path):

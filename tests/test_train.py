@@ -23,7 +23,8 @@ def batchnorm_config(smoke_config):
   return config
 
 
-def run_epoch(config, mnist, devices, num_images=64, how='pmap', chunk_steps=None):
+def run_epoch(config, mnist, devices, num_images=64, how='pmap', chunk_steps=None,
+              augment=('none', 0)):
   """One epoch over the first num_images training images on the given devices (one seed),
   in chunks of chunk_steps steps (default: the whole epoch in one compiled scan)."""
   model = train.build_model(config.model)
@@ -32,7 +33,7 @@ def run_epoch(config, mnist, devices, num_images=64, how='pmap', chunk_steps=Non
   state = train.create_train_states(init_keys, config, model, (28, 28, 1),
                                     optim.create_learning_rate_fn(config, steps))
   chunk = train.parallel_train_chunk(chunk_steps or steps, steps, config.batch_size, mnist.mean,
-                                     mnist.std, devices, how, config.micro_batch_size)
+                                     mnist.std, devices, how, config.micro_batch_size, augment)
   images, labels = (parallel.replicate(x[:num_images], devices) for x in mnist.train)
   perms = train.epoch_permutations(data_keys, 0, num_images)
   metrics = []
@@ -150,6 +151,19 @@ def test_scanned_epoch_equals_the_step_by_step_host_loop(smoke_config, mnist):
   swapped.seed = config.seed + 1
   other_losses = host_loop_epoch(swapped, mnist, devices, 64)[1]
   assert not np.allclose(other_losses[1:], host_losses[1:], rtol=1e-3)
+
+
+def test_augmentation_draws_the_same_moves_in_any_chunking_and_changes_training(
+    smoke_config, mnist):
+  """Moves keyed by seed, step and device: chunks of 2 steps (as after a resume) train
+  on the same moved images as one scan over the epoch."""
+  smoke_config.batch_size = 16
+  devices = jax.local_devices()[:2]
+  whole = run_epoch(smoke_config, mnist, devices, augment=('crop_flip', 2))[1]['loss']
+  chunked = run_epoch(smoke_config, mnist, devices, chunk_steps=2, augment=('crop_flip', 2))
+  np.testing.assert_allclose(chunked[1]['loss'], whole, rtol=1e-5)
+  plain = run_epoch(smoke_config, mnist, devices)[1]['loss']
+  assert not np.allclose(plain, whole, rtol=1e-3)  # The images really moved.
 
 
 def test_train_step_is_traced_once_per_run_not_once_per_epoch(smoke_config, tmp_path,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from conftest import REPO
@@ -84,7 +85,7 @@ def test_visualize_runs_the_trained_forward_pass_from_the_workdir_alone(trained_
   model = train.build_model(trained.config.model, axis_name=None)
   assert trained.model.ops == model.ops and model.ops.backend == 'cpu'
   # The statistics it normalised with: the training set's (num_train takes a prefix).
-  assert (trained.data['mean'], trained.data['std']) == (mnist.mean, mnist.std)
+  assert (trained.data['mean'], trained.data['std']) == (list(mnist.mean), list(mnist.std))
   x = (images / 255.0 - mnist.mean) / mnist.std
   np.testing.assert_allclose(trained.apply(images), model.apply(trained.variables, x),
                              rtol=1e-5, atol=1e-5)
@@ -296,6 +297,34 @@ def test_edge_filters_light_up_strokes_and_pool_2x2(mnist):
   expected = np.array([[np.sum(image[i:i + 3, j:j + 3] * edge_filter.VERTICAL)
                         for j in range(28)] for i in range(28)])
   np.testing.assert_allclose(conv[0, ..., 0], expected, atol=1e-5)
+
+
+def test_a_colour_dataset_of_another_size_flows_through_everything(smoke_config, tmp_path):
+  """CIFAR-10's shape (32x32x3, mocked tfds) with crop_flip: trained, the same logits from
+  both kernel backends, per-channel statistics, figures and predict in colour."""
+  smoke_config.data.update(source='tfds', name='cifar10', dir=str(tmp_path / 'tfds'),
+                           num_train=0, augment='crop_flip', augment_pixels=4)
+  smoke_config.update(batch_size=32, eval_batch_size=32)
+  run_dir = tmp_path / 'run'
+  with tfds.testing.mock_data(num_examples=128, policy=tfds.testing.MockPolicy.USE_CODE):
+    results = train.train_and_evaluate(smoke_config, str(run_dir))
+    test = input_pipeline.load_splits('tfds', '', 'cifar10', 10, splits=('test',))['test']
+    paths = visualize.visualize(str(run_dir))
+  assert results['test_count'] == 128
+  data = json.loads((run_dir / 'data.json').read_text())
+  assert data['image_shape'] == [32, 32, 3] and len(data['mean']) == len(data['std']) == 3
+  trained = inference.Trained(str(run_dir))
+  assert trained.model.ops.backend == 'cpu'
+  xla = trained.model.clone(ops=ops.make('xla'))
+  np.testing.assert_allclose(trained.apply(test.images[:16]),
+                             xla.apply(trained.variables, trained.normalize(test.images[:16])),
+                             rtol=1e-4, atol=1e-4)
+  assert [m.shape for _, m in trained.feature_maps(test.images[:2])] == [
+      (2, 32, 32, 32), (2, 16, 16, 32)]
+  assert all(png_size(path) for path in paths)
+  Image.fromarray(test.images[0]).resize((100, 80)).save(tmp_path / 'photo.png')
+  [row] = predict.predict(str(run_dir), [str(tmp_path / 'photo.png')], None)  # resize: default
+  assert 0 <= row['label'] < 10 and len(row['top3']) == 3
 
 
 def test_colab_notebook_text_has_no_placeholder_and_keeps_the_runtimes_jax():
