@@ -195,40 +195,58 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(smoke_config, tmp_path, c
     workdir.read_json(str(run_dir / 'config.json'))
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'delete', 'same_size', 'no_default_item'])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(smoke_config, tmp_path,
-                                                                    capfd, damage,
-                                                                    crashed_runs):
-  run_dir, finished = copy_of(crashed_runs, 2, tmp_path)
-  smoke_config.num_epochs = 2
+def damage_latest(run_dir, damage: str):
+  """Damages checkpoint 32 of a 2-epoch run as `damage` says; returns its path."""
   latest = run_dir / 'checkpoints' / '32'
   data_files = [os.path.join(root, name) for root, _, names in os.walk(latest)
                 for name in names if os.sep + 'd' + os.sep in os.path.join(root, name)]
   assert data_files
   if damage == 'no_default_item':
     shutil.rmtree(latest / 'default')
-  for path in data_files if damage in ('truncate', 'delete') else []:
-    if damage == 'truncate':
-      with open(path, 'r+b') as f:
-        f.truncate(5)
-    else:
-      os.remove(path)
-  if damage == 'same_size':  # 4 kB of noise inside the largest file: orbax alone reads it.
+  elif damage == 'same_size':  # 4 kB of noise inside the largest file: orbax alone reads it.
     largest = max(data_files, key=os.path.getsize)
     size = os.path.getsize(largest)
     with open(largest, 'r+b') as f:
       f.seek(size // 2)
       f.write(np.random.default_rng(0).bytes(4096))
     assert os.path.getsize(largest) == size
-    # predict and visualize read the intact checkpoint and leave the workdir as it is.
-    before, listing = fingerprint(run_dir), sorted(os.listdir(run_dir))
-    assert inference.Trained(str(run_dir)).step == 16
-    assert fingerprint(run_dir) == before and sorted(os.listdir(run_dir)) == listing
+  for path in data_files if damage in ('truncate', 'delete') else []:
+    if damage == 'truncate':
+      with open(path, 'r+b') as f:
+        f.truncate(5)
+    else:
+      os.remove(path)
+  return latest
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'delete', 'no_default_item'])
+def test_a_damaged_latest_checkpoint_is_skipped_and_set_aside(smoke_config, tmp_path, capfd,
+                                                             damage, crashed_runs):
+  run_dir, _ = copy_of(crashed_runs, 2, tmp_path)
+  latest = damage_latest(run_dir, damage)
+  run = train.init_run(smoke_config, (28, 28, 1), steps_per_epoch=16)
+  with checkpoint.manager(str(run_dir), keep=2) as checkpoints:
+    restored = train.restore_checkpoint(checkpoints, run.state, (run.data_keys, run.dropout_keys))
+  assert restored[-1] == 16
+  assert f'checkpoint {latest} is damaged' in capfd.readouterr().err
+  assert os.listdir(run_dir / 'checkpoints.damaged') == ['32']  # Kept for a post-mortem.
+
+
+def test_same_size_corruption_is_caught_by_the_sums_and_the_run_retrains_exactly(
+    smoke_config, tmp_path, capfd, crashed_runs):
+  run_dir, finished = copy_of(crashed_runs, 2, tmp_path)
+  smoke_config.num_epochs = 2
+  latest = damage_latest(run_dir, 'same_size')
+  # predict and visualize read the intact checkpoint and leave the workdir as it is.
+  before, listing = fingerprint(run_dir), sorted(os.listdir(run_dir))
+  assert inference.Trained(str(run_dir)).step == 16
+  assert fingerprint(run_dir) == before and sorted(os.listdir(run_dir)) == listing
   again = train.train_and_evaluate(smoke_config, str(run_dir))
   captured = capfd.readouterr()
-  assert f'checkpoint {latest} is damaged' in captured.err
+  assert f'checkpoint {latest} is damaged (default/' in captured.err
+  assert 'SHA-256 differs' in captured.err
   assert 'from its checkpoint at step 16' in captured.out
-  assert os.listdir(run_dir / 'checkpoints.damaged') == ['32']  # Kept for a post-mortem.
+  assert os.listdir(run_dir / 'checkpoints.damaged') == ['32']
   assert again['test_accuracy'] == finished['test_accuracy']  # Retrained epoch 2 exactly.
 
 

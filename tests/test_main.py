@@ -18,8 +18,9 @@ def run_main(workdir, *overrides):
 
 
 def test_cli_trains_and_writes_every_output(tmp_path):
-  done = run_main(tmp_path / 'run', '--config.data.num_train=512', '--config.model.filters=8',
-                  '--config.model.kernel_size=5', '--config.log_every_steps=2')
+  overrides = ('--config.data.num_train=512', '--config.model.filters=8',
+               '--config.model.kernel_size=5', '--config.log_every_steps=2')
+  done = run_main(tmp_path / 'run', *overrides)
   assert done.returncode == 0, done.stderr
   assert 'epoch 1/1' in done.stdout and 'test loss' in done.stdout
   assert 'compiling the training step' in done.stdout  # Said before the wait, not after.
@@ -67,6 +68,10 @@ def test_cli_trains_and_writes_every_output(tmp_path):
                             str(tmp_path / 'nothing')], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
   assert missing.returncode == 1 and not os.path.exists(tmp_path / 'nothing')
+  # The same command again: a finished run is never overwritten.
+  again = run_main(tmp_path / 'run', *overrides)
+  assert again.returncode == 1 and 'holds a finished run' in again.stderr
+  assert fingerprint(tmp_path / 'run') == after
   assert missing.stderr.strip().splitlines() == [
       f'error: {tmp_path / "nothing" / "config.json"} not found: {tmp_path / "nothing"} holds no '
       f'run (or one from before config.json was written)']
@@ -97,7 +102,7 @@ def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
-def test_cli_bad_config_files_are_one_line_errors(tmp_path):
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys):
   (tmp_path / 'broken.py').write_text('def get_config(:\n')
   (tmp_path / 'empty.py').write_text('x = 1\n')
   cases = [
@@ -109,21 +114,15 @@ def test_cli_bad_config_files_are_one_line_errors(tmp_path):
                                    "configs/default.py; known: 'smoke'"),
   ]
   for config, message in cases:
-    done = subprocess.run(main_command(tmp_path / 'run', config=config), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1, config
-    assert done.stderr.strip().splitlines() == [f'error: --config {config}: {message}'], (
-        done.stderr[-2000:])
-    assert not (tmp_path / 'run').exists()
-
-
-def test_cli_refuses_to_overwrite_a_finished_run(tmp_path):
-  workdir = tmp_path / 'run'
-  assert run_main(workdir, '--config.data.num_train=256').returncode == 0
-  before = fingerprint(workdir)
-  again = run_main(workdir, '--config.data.num_train=256')
-  assert again.returncode != 0 and 'holds a finished run' in again.stderr
-  assert fingerprint(workdir) == before
+    with pytest.raises(SystemExit) as exit_:
+      config_lib.check_config_file(config)
+    assert str(exit_.value) == f'error: --config {config}: {message}'
+  # Through the command line: that one line and nothing else, nothing written.
+  done = subprocess.run(main_command(tmp_path / 'run', config=cases[1][0]), cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines() == [f'error: --config {cases[1][0]}: {cases[1][1]}']
+  assert not (tmp_path / 'run').exists()
 
 
 @pytest.mark.parametrize('name', sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))

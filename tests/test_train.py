@@ -183,31 +183,33 @@ def test_train_step_is_traced_once_per_run_not_once_per_epoch(smoke_config, tmp_
   assert results['num_epochs'] == 3 and len(traces) == 1
 
 
-@pytest.mark.parametrize('num_devices,eval_batch_size', [(2, 998), (1, 10000), (2, 3334)])
-def test_evaluation_counts_every_test_image_once(smoke_config, mnist, num_devices,
-                                                 eval_batch_size):
-  config = smoke_config
-  model = train.build_model(config.model)
-  states = train.create_train_states(jax.random.split(jax.random.key(0), 2), config, model,
-                                     (28, 28, 1), lambda s: 0.)
-  devices = jax.local_devices()[:num_devices]
-  arrays = [parallel.put_on_devices(x, devices) for x in
-            train.shard_for_eval(mnist.test, eval_batch_size, num_devices)]
-  evaluate = train.parallel_evaluate(mnist.mean, mnist.std, devices)
-  sums = evaluate(states, *arrays)  # Two seeds' models at once.
+def test_evaluation_counts_every_test_image_once(smoke_config, mnist):
+  """Two seeds' models at once, on 1 and 2 devices, in batches that divide the test set
+  or leave a padded last batch: each sum equals the whole test set through model.apply."""
+  model = train.build_model(smoke_config.model)
+  states = train.create_train_states(jax.random.split(jax.random.key(0), 2), smoke_config,
+                                     model, (28, 28, 1), lambda s: 0.)
+  references = []  # The whole test set through model.apply at once: no batching, no padding.
   for seed in range(2):
-    # Reference: the whole test set through model.apply at once, no batching or padding.
     params = jax.tree_util.tree_map(lambda x: x[seed], states.params)
     logits = jax.jit(model.apply)({'params': params}, input_pipeline.normalize(
         mnist.test.images, mnist.mean, mnist.std))
-    assert int(sums['count'][seed]) == 10000
-    assert int(sums['correct'][seed]) == int(jnp.sum(jnp.argmax(logits, -1) == mnist.test.labels))
-    np.testing.assert_allclose(sums['loss'][seed] / 10000, train.cross_entropy(
-        logits, mnist.test.labels).mean(), rtol=1e-4)
-    confusion = np.zeros((10, 10), np.int64)  # Rows true, columns predicted; padding unseen.
+    confusion = np.zeros((10, 10), np.int64)  # Rows true, columns predicted.
     np.add.at(confusion, (mnist.test.labels, np.asarray(jnp.argmax(logits, -1))), 1)
-    np.testing.assert_array_equal(sums['confusion'][seed], confusion)
-  assert sums['correct'][0] != sums['correct'][1]  # Two different models were evaluated.
+    references.append({'correct': int(jnp.sum(jnp.argmax(logits, -1) == mnist.test.labels)),
+                       'loss': float(train.cross_entropy(logits, mnist.test.labels).mean()),
+                       'confusion': confusion})
+  assert references[0]['correct'] != references[1]['correct']  # Two different models.
+  for num_devices, eval_batch_size in [(2, 998), (1, 10000), (2, 3334)]:
+    devices = jax.local_devices()[:num_devices]
+    arrays = [parallel.put_on_devices(x, devices) for x in
+              train.shard_for_eval(mnist.test, eval_batch_size, num_devices)]
+    sums = train.parallel_evaluate(mnist.mean, mnist.std, devices)(states, *arrays)
+    for seed, reference in enumerate(references):
+      assert int(sums['count'][seed]) == 10000
+      assert int(sums['correct'][seed]) == reference['correct']
+      np.testing.assert_allclose(sums['loss'][seed] / 10000, reference['loss'], rtol=1e-4)
+      np.testing.assert_array_equal(sums['confusion'][seed], reference['confusion'])
 
 
 def test_training_real_mnist_learns_and_repeats_exactly(smoke_config, tmp_path):
