@@ -430,6 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           workdir_lib.start(workdir, records)
           workdir_lib.keep_records_up_to(out.metrics_path, resumed_at)
         records = None
+
       log(f'{num_params:,} parameters, {flops_per_image / 1e6:.1f} MFLOP per training image; '
           f'{model.ops.backend} kernels (model.ops={config.model.ops!r}); '
           f'feature maps {shapes.feature_shapes(model.blocks, image_shape)}; {config.num_seeds} '
@@ -503,16 +504,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         problem = divergence(metrics['loss'], step, config.divergence_factor,
                              config.model.num_classes)
         if problem:
-          lower = f'rerun with a lower learning_rate (now {config.learning_rate})'
-          if last_saved:
-            advice = (f'the last good checkpoint (step {last_saved}) is kept: {lower} and '
-                      f'--allow_config_change to resume from it, or in a new --workdir')
-          elif records is not None:  # Not started: the workdir is left as it was.
-            advice = f'nothing was written: {lower}'
-          else:
-            advice = (f'no checkpoint was written: {lower} and --allow_config_change to start '
-                      f'over in this workdir, or in a new --workdir')
-          raise FloatingPointError(f'{problem} (epoch {epoch + 1}); {advice}')
+          raise FloatingPointError(f'{problem} (epoch {epoch + 1}); ' + divergence_advice(
+              last_saved, started=records is None, learning_rate=config.learning_rate))
         epoch_metrics.append(metrics)
         record = {'step': end, 'epoch': epoch + 1,
                   'learning_rate': float(learning_rate_fn(end - 1)),
@@ -585,6 +578,18 @@ def divergence(losses: np.ndarray, step: int, factor: float, num_classes: int) -
     return f'non-finite training loss at step {step + first + 1}'
   return (f'training diverged: loss {loss:.4g} at step {step + first + 1} is above '
           f'divergence_factor={factor} x ln({num_classes}) = {limit:.4g}')
+
+
+def divergence_advice(last_saved: int, started: bool, learning_rate: float) -> str:
+  """What to do after a diverged run, given what it left on disk."""
+  lower = f'rerun with a lower learning_rate (now {learning_rate})'
+  if last_saved:
+    return (f'the last good checkpoint (step {last_saved}) is kept: {lower} and '
+            f'--allow_config_change to resume from it, or in a new --workdir')
+  if not started:  # The workdir is as it was before the run.
+    return f'nothing was written: {lower}'
+  return (f'no checkpoint was written: {lower} and --allow_config_change to start over in '
+          f'this workdir, or in a new --workdir')
 
 
 FINAL_METRICS = ('test_accuracy', 'test_loss', 'test_accuracy_std', 'train_images_per_s')
