@@ -139,6 +139,10 @@ def restore_latest(checkpoints: ocp.CheckpointManager, target, read_only: bool =
       try:
         restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+        if 'stored shape' in str(e):  # Intact, but of another model: not damage.
+          raise CheckpointError(f'{path} holds a different model or optimizer state than the '
+                                f'config describes ({str(e).splitlines()[0][:200]}); move it '
+                                f'away or use another --workdir') from e
         damage = str(e).splitlines()[0][:300]
     if damage is not None:
       errors.append(f'{path}: {damage}')

@@ -276,17 +276,17 @@ def test_no_intact_checkpoint_is_an_error_naming_the_directory(smoke_config, tmp
   assert fingerprint(run_dir) == before
 
 
-def test_a_checkpoint_of_another_model_is_refused(smoke_config, tmp_path, crashed_runs):
+def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(smoke_config, tmp_path,
+                                                                      crashed_runs):
+  """--allow_config_change with a model change: the checkpoint holds another model, so
+  the run cannot start, and config.json stays as it was (the first command still resumes)."""
   run_dir, _ = copy_of(crashed_runs, 1, tmp_path)
-  other_dir = tmp_path / 'other'
+  before = fingerprint(run_dir)
   other = smoke_config.copy_and_resolve_references()
   other.model.filters = (8,)
-  train.train_and_evaluate(other, str(other_dir))
-  shutil.rmtree(run_dir / 'checkpoints')
-  shutil.copytree(other_dir / 'checkpoints', run_dir / 'checkpoints')
-  before = fingerprint(run_dir)
-  with pytest.raises(checkpoint.CheckpointError, match=str(run_dir / 'checkpoints')):
-    train.train_and_evaluate(smoke_config, str(run_dir))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=f'{run_dir / "checkpoints" / "16"} holds a different model'):
+    train.train_and_evaluate(other, str(run_dir), allow_config_change=True)
   assert fingerprint(run_dir) == before
 
 
