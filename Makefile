@@ -13,5 +13,7 @@ $(VENV)/installed: pyproject.toml
 run: $(VENV)/installed  ## Train configs/default.py on MNIST; prints the test accuracy.
 	$(VENV)/bin/python -m convnet.main --config configs/default.py --workdir $(WORKDIR)
 
+# Test files run in parallel processes (a file's tests share one process and its trained
+# fixtures); each process sees 2 fake CPU devices.
 test: $(VENV)/installed  ## The test suite (offline; 2 fake CPU devices).
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
