@@ -10,6 +10,7 @@ if none restores, `CheckpointError` names the directory and nothing is moved.
 """
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -24,14 +25,16 @@ SUBDIR = 'checkpoints'
 SUMS = 'sha256.json'  # In each step's directory: {relative path: sha256} of its other files.
 
 
-class _NotTheReadOnlyNotice(logging.Filter):
-  """Drops orbax's warning that a read-only manager's directory is read-only: asked for."""
+class _ExpectedOrbaxNotices(logging.Filter):
+  """Drops orbax warnings about what this module does on purpose: a read-only manager
+  (predict, visualize), and reading a checkpoint's array metadata without its step's."""
+  EXPECTED = ('is read only', 'Metadata file does not exist')
 
   def filter(self, record):
-    return 'is read only' not in record.getMessage()
+    return not any(text in record.getMessage() for text in self.EXPECTED)
 
 
-logging.getLogger('absl').addFilter(_NotTheReadOnlyNotice())
+logging.getLogger('absl').addFilter(_ExpectedOrbaxNotices())
 
 
 class CheckpointError(RuntimeError):
@@ -135,14 +138,13 @@ def restore_latest(checkpoints: ocp.CheckpointManager, target, read_only: bool =
   for step in steps:
     path = os.path.join(directory, str(step))
     damage = verify(path)
+    stored = None if damage else _stored(path)
+    if stored is not None and stored != sorted(expected):  # Checked before orbax reads it:
+      raise _other_model(path, stored, expected)  # a failed read leaves threads that print.
     if damage is None:
       try:
         restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
-        if 'stored shape' in str(e):  # Intact, but of another model: not damage.
-          raise CheckpointError(f'{path} holds a different model or optimizer state than the '
-                                f'config describes ({str(e).splitlines()[0][:200]}); move it '
-                                f'away or use another --workdir') from e
         damage = str(e).splitlines()[0][:300]
     if damage is not None:
       errors.append(f'{path}: {damage}')
@@ -150,12 +152,31 @@ def restore_latest(checkpoints: ocp.CheckpointManager, target, read_only: bool =
             file=sys.stderr, flush=True)
       continue
     if _describe(restored) != expected:
-      raise CheckpointError(f'{path} holds a different model or optimizer state than the '
-                            f'config describes; move it away or use another --workdir')
+      raise _other_model(path, _describe(restored), expected)
     if not read_only:
       _set_aside(checkpoints, [s for s in steps if s > step])
     return restored, step
   raise CheckpointError(f'no checkpoint in {directory} restores:\n  ' + '\n  '.join(errors))
+
+
+def _other_model(path: str, stored: list, expected: list) -> CheckpointError:
+  """The error for a checkpoint of another model, naming its first differing array."""
+  got, want = next((a, b) for a, b in itertools.zip_longest(sorted(stored), sorted(expected))
+                   if a != b)
+  return CheckpointError(f'{path} holds a different model or optimizer state than the config '
+                         f'describes (it has {got}, the config needs {want}); move it away or '
+                         f'use another --workdir')
+
+
+def _stored(path: str) -> list[tuple[str, tuple, str]] | None:
+  """(path, shape, dtype) of every array the checkpoint at `path` holds, from its metadata
+  alone; None if that does not read (the restore then says what is wrong)."""
+  try:
+    tree = ocp.StandardCheckpointer().metadata(os.path.join(path, 'default')).item_metadata
+    return sorted((jax.tree_util.keystr(key), tuple(leaf.shape), str(leaf.dtype))
+                  for key, leaf in jax.tree_util.tree_leaves_with_path(tree))
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 def _set_aside(checkpoints: ocp.CheckpointManager, steps: list[int]) -> None:
