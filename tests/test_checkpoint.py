@@ -17,9 +17,10 @@ from configs import default
 from conftest import MNIST_DIR, REPO, fingerprint, main_command
 from convnet import checkpoint, config_lib, inference, input_pipeline, train, workdir
 
-# 4,096 images = 32 steps per epoch; a chunk and a checkpoint every 4 steps.
+# 4,096 images = 32 steps per epoch; a chunk and a checkpoint every 4 steps; shifted images,
+# so that a resumed run must also draw the same moves.
 RUN = ('--config.num_epochs=2', '--config.data.num_train=4096', '--config.log_every_steps=4',
-       '--config.checkpoint_every_steps=4')
+       '--config.checkpoint_every_steps=4', '--config.data.augment=shift')
 
 
 def final_params(run_dir):

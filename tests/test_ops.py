@@ -55,9 +55,10 @@ def test_an_unknown_backend_is_a_config_error_naming_the_key(smoke_config):
 def test_conv_values_and_gradients_match_numpy_windows(mnist, ops_, padding, kernel_size,
                                                        stride):
   """Each backend's convolution (the CPU kernels' hand-written backward pass, lax.conv's
-  own) against the windows' sums, on real digits."""
-  x = (np.concatenate([mnist.test.images[:2], mnist.test.images[2:4]], -1) / 255.0)[:, :13]
-  kernel = np.asarray(jax.random.normal(jax.random.key(0), (kernel_size, kernel_size, 2, 3)))
+  own) against the windows' sums, on real digits stacked as a 3-channel (colour) image."""
+  x = (np.concatenate([mnist.test.images[:2], mnist.test.images[2:4], mnist.test.images[4:6]],
+                      -1) / 255.0)[:, :13]
+  kernel = np.asarray(jax.random.normal(jax.random.key(0), (kernel_size, kernel_size, 3, 3)))
   conv = lambda x, k: ops_.to_nhwc(ops_.conv2d(ops_.to_blocks(x), k, stride=stride,
                                                 padding=padding))
   y = jax.jit(conv)(jnp.asarray(x, jnp.float32), jnp.asarray(kernel))

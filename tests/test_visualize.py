@@ -299,31 +299,38 @@ def test_edge_filters_light_up_strokes_and_pool_2x2(mnist):
   np.testing.assert_allclose(conv[0, ..., 0], expected, atol=1e-5)
 
 
-def test_a_colour_dataset_of_another_size_flows_through_everything(smoke_config, tmp_path):
-  """CIFAR-10's shape (32x32x3, mocked tfds) with crop_flip: trained, the same logits from
-  both kernel backends, per-channel statistics, figures and predict in colour."""
-  smoke_config.data.update(source='tfds', name='cifar10', dir=str(tmp_path / 'tfds'),
-                           num_train=0, augment='crop_flip', augment_pixels=4)
+@pytest.mark.parametrize('name,image_shape,augment', [('cifar10', (32, 32, 3), 'crop_flip'),
+                                                       ('fashion_mnist', (28, 28, 1), 'shift')])
+def test_tfds_datasets_of_any_size_and_colour_flow_through_everything(smoke_config, tmp_path,
+                                                                      name, image_shape,
+                                                                      augment):
+  """CIFAR-10's and Fashion-MNIST's shapes (mocked tfds) with augmentation: trained, the
+  same logits from both kernel backends, per-channel statistics, figures and predict."""
+  smoke_config.data.update(source='tfds', name=name, dir=str(tmp_path / 'tfds'),
+                           num_train=0, augment=augment, augment_pixels=4)
   smoke_config.update(batch_size=32, eval_batch_size=32)
   run_dir = tmp_path / 'run'
   with tfds.testing.mock_data(num_examples=128, policy=tfds.testing.MockPolicy.USE_CODE):
     results = train.train_and_evaluate(smoke_config, str(run_dir))
-    test = input_pipeline.load_splits('tfds', '', 'cifar10', 10, splits=('test',))['test']
+    test = input_pipeline.load_splits('tfds', '', name, 10, splits=('test',))['test']
     paths = visualize.visualize(str(run_dir))
   assert results['test_count'] == 128
   data = json.loads((run_dir / 'data.json').read_text())
-  assert data['image_shape'] == [32, 32, 3] and len(data['mean']) == len(data['std']) == 3
+  channels = image_shape[-1]
+  assert data['image_shape'] == list(image_shape)
+  assert len(data['mean']) == len(data['std']) == channels
   trained = inference.Trained(str(run_dir))
   assert trained.model.ops.backend == 'cpu'
   xla = trained.model.clone(ops=ops.make('xla'))
   np.testing.assert_allclose(trained.apply(test.images[:16]),
                              xla.apply(trained.variables, trained.normalize(test.images[:16])),
                              rtol=1e-4, atol=1e-4)
+  h = image_shape[0]
   assert [m.shape for _, m in trained.feature_maps(test.images[:2])] == [
-      (2, 32, 32, 32), (2, 16, 16, 32)]
+      (2, h, h, 32), (2, h // 2, h // 2, 32)]
   assert all(png_size(path) for path in paths)
-  Image.fromarray(test.images[0]).resize((100, 80)).save(tmp_path / 'photo.png')
-  [row] = predict.predict(str(run_dir), [str(tmp_path / 'photo.png')], None)  # resize: default
+  Image.fromarray(test.images[0].squeeze()).resize((100, 80)).save(tmp_path / 'photo.png')
+  [row] = predict.predict(str(run_dir), [str(tmp_path / 'photo.png')])  # Its default steps.
   assert 0 <= row['label'] < 10 and len(row['top3']) == 3
 
 
