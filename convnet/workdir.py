@@ -225,12 +225,6 @@ def prepare(workdir: str, config: dict, data: dict,
         f'{os.path.join(workdir, "config.json")} differs from this run in what changes '
         f'results:\n  ' + '\n  '.join(diff) + '\nuse a new --workdir, or pass '
         '--allow_config_change to resume anyway (e.g. to train for more epochs)')
-  data_path = os.path.join(workdir, 'data.json')
-  saved_data = read_json(data_path) if os.path.exists(data_path) else {}
-  devices = saved_data.get('num_devices', data['num_devices'])
-  if devices != data['num_devices']:  # Both kept: the run's numbers depend on each.
-    earlier = saved_data.get('earlier_num_devices', []) + [devices]
-    data = {**data, 'earlier_num_devices': earlier}
   return {'config.json': config, 'data.json': data}
 
 
@@ -248,11 +242,16 @@ def differences(workdir: str, config: dict, data: dict) -> tuple[list[str], list
 
 
 def start(workdir: str, records: dict[str, dict]) -> None:
-  """Writes the records `prepare` returned, once the run is known to start; a changed
-  config.json keeps its predecessor as config.json.before_change."""
+  """Writes the records `prepare` returned, once the run is known to start. A changed
+  config.json keeps its predecessor as config.json.before_change; a data.json written
+  for another device count keeps the earlier counts (the run's numbers depend on each)."""
   for name, record in records.items():
     path = os.path.join(workdir, name)
-    if (name == 'config.json' and os.path.exists(path)
-        and read_json(path) != json.loads(json.dumps(record))):
+    saved = read_json(path) if os.path.exists(path) else None
+    if name == 'config.json' and saved is not None and saved != json.loads(json.dumps(record)):
       os.replace(path, path + '.before_change')
+    if name == 'data.json' and saved and saved.get('num_devices', record['num_devices']) != (
+        record['num_devices']):
+      earlier = saved.get('earlier_num_devices', []) + [saved['num_devices']]
+      record = {**record, 'earlier_num_devices': earlier}
     write_json(path, record)
