@@ -1,14 +1,15 @@
 """Data sources and batching.
 
 Two sources behind `load_dataset`: a directory of MNIST-format IDX files (MNIST,
-Fashion-MNIST, KMNIST, ...) and `tfds.data_source` (no TensorFlow needed). Both
-give uint8 images [N, H, W, C] and int32 labels [N]; the whole dataset fits in
-device memory, so batching, shuffling and normalisation happen on the device
-(see train.py), from the functions here.
+Fashion-MNIST, KMNIST, ...) and tfds (`tfds.data_source`, no TensorFlow needed; TFRecord
+through `tfds.load` where TensorFlow is importable). Both give uint8 images [N, H, W, C]
+and int32 labels [N]; the whole dataset fits in device memory, so batching, shuffling and
+normalisation happen on the device (see train.py), from the functions here.
 """
 
 import glob
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -128,7 +129,8 @@ def check_reachable(host: tuple[str, int], timeout: float = 15.0) -> str | None:
 def prepared_formats(name: str, directory: str) -> list[str]:
   """The file formats of the prepared versions of tfds dataset `name` under directory."""
   formats = []
-  for info in sorted(glob.glob(os.path.join(directory, *name.split('/'), '*', 'dataset_info.json'))):
+  pattern = os.path.join(directory, *name.split('/'), '*', 'dataset_info.json')
+  for info in sorted(glob.glob(pattern)):
     try:
       with open(info) as f:
         formats.append(json.load(f).get('fileFormat', 'tfrecord').lower())
@@ -137,8 +139,27 @@ def prepared_formats(name: str, directory: str) -> list[str]:
   return formats
 
 
+def tensorflow_importable() -> bool:
+  """Whether TensorFlow can be imported (as on Colab): tfds.load needs it, data_source not."""
+  return importlib.util.find_spec('tensorflow') is not None
+
+
+def image_label_split(where: str, features: dict) -> Split:
+  """A Split from a tfds example (or a batch of them) with 'image' and 'label' features."""
+  missing = sorted({'image', 'label'} - set(features))
+  if missing:
+    raise DataError(f"{where}: has features {sorted(features)} but no {missing}; "
+                    f"data.source='tfds' reads image classification datasets")
+  images = np.asarray(features['image'], np.uint8)
+  if images.ndim == 3:
+    images = images[..., None]
+  return Split(images, np.asarray(features['label'], np.int32))
+
+
 def load_tfds_split(name: str, split: str, directory: str | None, download: bool) -> Split:
-  """Reads a whole split through `tfds.data_source` (random access, no TensorFlow).
+  """Reads a whole split: through `tfds.data_source` (random access, no TensorFlow), or,
+  for data prepared as TFRecord (what `tfds.load` writes), through `tfds.load` when
+  TensorFlow is importable.
 
   With download, tfds's servers must answer first (offline, tfds retries DNS for
   minutes); a dataset that does not open is explained from what is prepared on disk."""
@@ -153,22 +174,34 @@ def load_tfds_split(name: str, split: str, directory: str | None, download: bool
   try:
     source = tfds.data_source(name, split=split, data_dir=directory, download=download)
   except Exception as e:  # tfds raises many types for a missing or unprepared dataset.
-    formats = prepared_formats(name, directory or tfds.core.constants.DATA_DIR)
+    formats = set(prepared_formats(name, directory or tfds.core.constants.DATA_DIR))
     if not formats:
       raise DataError(f'{where}: not prepared there (config key data.dir); set '
                       f'data.download=True to download and prepare it, or data.dir to the '
                       f'tfds data dir holding it') from e
-    if not {'array_record', 'parquet'} & set(formats):
-      raise DataError(f'{where}: prepared only as {", ".join(sorted(set(formats)))}, which '
-                      f'tfds.data_source cannot read without TensorFlow; prepare it with '
-                      f'`tfds build {name} --file_format=array_record`') from e
+    if 'tfrecord' in formats and tensorflow_importable():
+      return load_tfrecord_split(tfds, where, name, split, directory)
+    if not {'array_record', 'parquet'} & formats:
+      raise DataError(f'{where}: prepared only as {", ".join(sorted(formats))}; TFRecord is '
+                      f'read through TensorFlow, which is not importable here: install '
+                      f'tensorflow, or prepare it with `tfds build {name} '
+                      f'--file_format=array_record`') from e
     raise DataError(f'{where}, split {split!r}, cannot be opened: {e}') from e
+  if len(source) == 0:  # load_splits names the empty split.
+    return Split(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int32))
   records = [source[i] for i in range(len(source))]
-  images = np.stack([np.asarray(r['image'], np.uint8) for r in records])
-  labels = np.array([r['label'] for r in records], np.int32)
-  if images.ndim == 3:
-    images = images[..., None]
-  return Split(images, labels)
+  return image_label_split(where, {key: [r[key] for r in records] for key in records[0]})
+
+
+def load_tfrecord_split(tfds, where: str, name: str, split: str, directory: str | None) -> Split:
+  """A TFRecord-prepared split, read whole through `tfds.load` and TensorFlow."""
+  try:
+    features = tfds.as_numpy(tfds.load(name, split=split, data_dir=directory, download=False,
+                                       batch_size=-1))
+  except Exception as e:
+    raise DataError(f'{where}, split {split!r}, prepared as tfrecord, cannot be read by '
+                    f'tfds.load: {e}') from e
+  return image_label_split(where, features)
 
 
 def load_splits(source: str, directory: str, name: str, num_classes: int,

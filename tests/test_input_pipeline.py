@@ -1,19 +1,23 @@
-"""Data sources: the shipped MNIST files, IDX error cases, tfds (mocked), order and padding."""
+"""Data sources: the shipped MNIST files, IDX error cases, tfds (mocked, and prepared from the
+shipped digits in both of its file formats), order and padding."""
 
 import gzip
 import hashlib
 import json
 import os
 import socket
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from tensorflow_datasets.image_classification import mnist as mnist_builder
 
 from convnet import input_pipeline
-from conftest import MNIST_DIR
+from convnet import workdir as workdir_lib
+from conftest import MNIST_DIR, REPO, main_command
 
 
 def test_shipped_mnist_matches_published_checksums():
@@ -162,13 +166,95 @@ def test_tfds_without_prepared_data_is_a_clear_error_not_a_download(tmp_path):
   with pytest.raises(input_pipeline.DataError, match=f"tfds dataset 'mnist' in {tmp_path}: not "
                                                      f"prepared there .*data.download=True"):
     input_pipeline.load_dataset('tfds', str(tmp_path), 'mnist', 10, download=False)
-  # Prepared by tfds.load (TFRecord): named, with how to prepare it for data_source.
-  info = tmp_path / 'mnist' / '3.0.1' / 'dataset_info.json'
-  info.parent.mkdir(parents=True)
-  info.write_text(json.dumps({'name': 'mnist', 'fileFormat': 'tfrecord'}))
-  with pytest.raises(input_pipeline.DataError, match=r'prepared only as tfrecord, which '
-                     r'tfds.data_source cannot read .*--file_format=array_record'):
-    input_pipeline.load_dataset('tfds', str(tmp_path), 'mnist', 10, download=False)
+
+
+def test_tfds_dataset_without_images_is_named(monkeypatch):
+  monkeypatch.setattr(tfds, 'data_source', lambda *a, **k: [{'text': b'great', 'label': 1}])
+  with pytest.raises(input_pipeline.DataError, match=(
+      r"^tfds dataset 'imdb_reviews' in .*: has features \['label', 'text'\] but no \['image'\]; "
+      r"data.source='tfds' reads image classification datasets$")):
+    input_pipeline.load_dataset('tfds', '', 'imdb_reviews', 2)
+
+
+PREPARED = {'train': 512, 'test': 256}  # How many shipped digits tfds prepares per split.
+
+
+class ShippedDigits(mnist_builder.MNIST, skip_registration=True):
+  """tfds's own `mnist` builder, fed the first shipped digits instead of a download."""
+  name = 'mnist'
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(split) for split in PREPARED}
+
+  def _generate_examples(self, split):
+    data = input_pipeline.load_idx_split(MNIST_DIR, split)
+    for i in range(PREPARED[split]):
+      yield i, {'image': data.images[i], 'label': int(data.labels[i])}
+
+
+@pytest.fixture(scope='module')
+def prepared_mnist(tmp_path_factory) -> dict[str, str]:
+  """{file format: tfds data dir} holding those digits, as `tfds.load` (TFRecord) and as
+  `tfds build --file_format=array_record` prepare them (both need TensorFlow to write)."""
+  dirs = {}
+  for file_format in ('tfrecord', 'array_record'):
+    dirs[file_format] = str(tmp_path_factory.mktemp(file_format))
+    ShippedDigits(data_dir=dirs[file_format], file_format=file_format).download_and_prepare()
+  return dirs
+
+
+def sorted_examples(split: input_pipeline.Split) -> np.ndarray:
+  """A split's (label, pixels) rows in sorted order: tfds shuffles examples as it writes."""
+  rows = np.concatenate([split.labels[:, None], split.images.reshape(len(split.labels), -1)], 1)
+  return rows[np.lexsort(rows.T[::-1])]
+
+
+def test_tfds_reads_tfrecord_through_tensorflow_and_array_record_without(prepared_mnist, mnist,
+                                                                          monkeypatch):
+  loads = []
+  real_load = tfds.load
+  monkeypatch.setattr(tfds, 'load', lambda *a, **k: loads.append(k['data_dir']) or
+                      real_load(*a, **k))
+  read = {file_format: input_pipeline.load_splits('tfds', directory, 'mnist', 10)
+          for file_format, directory in prepared_mnist.items()}
+  assert loads == [prepared_mnist['tfrecord']] * 2  # data_source reads array_record itself.
+  for split, count in PREPARED.items():
+    tfrecord, array_record = read['tfrecord'][split], read['array_record'][split]
+    assert tfrecord.images.shape == (count, 28, 28, 1) and tfrecord.images.dtype == np.uint8
+    assert tfrecord.labels.dtype == np.int32
+    np.testing.assert_array_equal(tfrecord.images, array_record.images)  # Same order on disk.
+    np.testing.assert_array_equal(tfrecord.labels, array_record.labels)
+    shipped = getattr(mnist, split)
+    np.testing.assert_array_equal(sorted_examples(tfrecord), sorted_examples(
+        input_pipeline.Split(shipped.images[:count], shipped.labels[:count])))
+
+
+def test_tfrecord_without_tensorflow_names_the_format_and_the_ways_out(prepared_mnist,
+                                                                        monkeypatch):
+  monkeypatch.setattr(input_pipeline, 'tensorflow_importable', lambda: False)
+  monkeypatch.setattr(tfds, 'load', lambda *a, **k: pytest.fail('tfds.load was called'))
+  with pytest.raises(input_pipeline.DataError, match=(
+      f"^tfds dataset 'mnist' in {prepared_mnist['tfrecord']}: prepared only as tfrecord; "
+      r"TFRecord is read through TensorFlow, which is not importable here: install "
+      r"tensorflow, or prepare it with `tfds build mnist --file_format=array_record`$")):
+    input_pipeline.load_dataset('tfds', prepared_mnist['tfrecord'], 'mnist', 10)
+
+
+def test_main_trains_on_a_tfrecord_prepared_dataset(prepared_mnist, tmp_path):
+  """What `tfds.load('mnist')` leaves in ~/tensorflow_datasets, trained on from the CLI."""
+  workdir = tmp_path / 'run'
+  done = subprocess.run(main_command(workdir, '--config.data.source=tfds',
+                                     f'--config.data.dir={prepared_mnist["tfrecord"]}',
+                                     '--config.data.num_train=0', '--config.num_epochs=3',
+                                     '--config.progress=False'),
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert 'done: test accuracy' in done.stdout + done.stderr
+  splits = input_pipeline.load_splits('tfds', prepared_mnist['array_record'], 'mnist', 10)
+  recorded = json.loads((workdir / 'data.json').read_text())
+  for split in PREPARED:  # It trained and tested on exactly the prepared digits.
+    assert recorded[split] == workdir_lib.fingerprint(splits[split])
+  assert json.loads((workdir / 'results.json').read_text())['test_accuracy'] > 0.5  # Chance: 0.1
 
 
 def test_tfds_download_offline_fails_fast_naming_the_host(tmp_path, monkeypatch):
