@@ -1,11 +1,14 @@
 """Figures, TensorBoard events, predict, the edge-filter demo and the Colab notebook."""
 
+import fnmatch
+import importlib.metadata
 import io
 import json
 import os
 import struct
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -345,6 +348,80 @@ def test_colab_notebook_text_has_no_placeholder_and_keeps_the_runtimes_jax():
   assert "'tpu': 'jax[tpu]', 'gpu': 'jax[cuda12]'" in code and "'-c', '/tmp/keep_jax.txt'" in code
   assert 'download=True' in code.split('if USE_TFDS:')[1]  # Only where tfds is asked for.
   assert code.count('download=True') == 1
+
+
+FREEZE = 'jax==0.7.2\njaxlib==0.7.2\nlibtpu==0.0.21\njax_cuda12_plugin==0.7.2\nnumpy==2.0.2\n'
+
+
+def run_install_cell(*, environ=None, devices=(), nvidia=False, backend='cpu',
+                     pip_installed=False):
+  """Executes the notebook's install cell on a faked runtime: (pip commands, constraints
+  file text, printed lines). Nothing is installed; what the cell would run is recorded."""
+  import nbformat  # pylint: disable=import-outside-toplevel
+  notebook = nbformat.read(os.path.join(REPO, 'notebooks', 'colab_tpu.ipynb'), as_version=4)
+  [cell] = [c for c in notebook.cells if c.get('id') == 'cell-02']
+  pips, written, printed = [], {}, []
+
+  def run(command, **kwargs):
+    if command[0] == 'nvidia-smi':
+      if not nvidia:
+        raise FileNotFoundError('nvidia-smi')
+      return subprocess.CompletedProcess(command, 0, 'GPU 0: Tesla T4', '')
+    if command[1] == '-c':  # What backend the runtime's jax finds.
+      return subprocess.CompletedProcess(command, 0, backend + '\n', '')
+    if command[3] == 'freeze':
+      return subprocess.CompletedProcess(command, 0, FREEZE, '')
+    pips.append(command[3:])
+    return subprocess.CompletedProcess(command, 0, '', '')
+
+  def version(name):
+    if name == 'convnet' and pip_installed:
+      return '0.1.0'
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  class File(io.StringIO):
+    def __init__(self, path, mode):
+      super().__init__()
+      self.path = path
+
+    def __exit__(self, *exc):
+      written[self.path] = self.getvalue()
+
+  fake = types.SimpleNamespace
+  namespace = {
+      'os': fake(environ=environ or {}),
+      'glob': fake(glob=lambda pattern: [d for d in devices if fnmatch.fnmatch(d, pattern)]),
+      'subprocess': fake(run=run),
+      'sys': fake(executable='/usr/bin/python3'),
+      'importlib': fake(metadata=fake(
+          version=version, PackageNotFoundError=importlib.metadata.PackageNotFoundError)),
+      'open': File, 'print': lambda *a: printed.append(' '.join(map(str, a))),
+      'ROOT': '/content/convnet'}
+  exec(cell.source, namespace)  # pylint: disable=exec-used
+  return pips, written.get('/tmp/keep_jax.txt'), printed
+
+
+@pytest.mark.parametrize('runtime, fakes, jax_install', [
+    ('tpu', dict(environ={'TPU_ACCELERATOR_TYPE': 'v5litepod-1'}, backend='cpu'), 'jax[tpu]'),
+    ('tpu', dict(devices=['/dev/vfio/0', '/dev/vfio/vfio'], backend='tpu'), None),
+    ('tpu', dict(devices=['/dev/accel0'], backend='cpu'), 'jax[tpu]'),
+    ('gpu', dict(nvidia=True, backend='gpu'), None),
+    ('gpu', dict(nvidia=True, backend='cpu'), 'jax[cuda12]'),
+    ('cpu', dict(devices=['/dev/vfio/vfio']), None),  # The control node alone is no TPU.
+])
+def test_colab_install_cell_keeps_or_installs_the_accelerator_jax(runtime, fakes, jax_install):
+  pips, constraints, printed = run_install_cell(**fakes)
+  assert printed == [f'runtime: {runtime}']
+  expected = [['install', '-q', '-U', jax_install]] if jax_install else []
+  expected.append(['install', '-q', '-e', '/content/convnet', '-c', '/tmp/keep_jax.txt'])
+  assert pips == expected
+  # Every jax package installed stays as it is; nothing else is pinned.
+  assert constraints.split('\n') == ['jax==0.7.2', 'jaxlib==0.7.2', 'libtpu==0.0.21',
+                                     'jax_cuda12_plugin==0.7.2']
+
+
+def test_colab_install_cell_installs_nothing_once_convnet_is_installed():
+  assert run_install_cell(nvidia=True, pip_installed=True) == ([], None, ['runtime: gpu'])
 
 
 def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path):
