@@ -144,19 +144,26 @@ def tensorflow_importable() -> bool:
   return importlib.util.find_spec('tensorflow') is not None
 
 
-def image_label_split(where: str, features: dict) -> Split:
-  """A Split from a tfds example (or a batch of them) with 'image' and 'label' features."""
+def check_features(where: str, info, num_classes: int) -> None:
+  """A tfds dataset's declared features: an 'image' and a 'label' of model.num_classes."""
+  features = sorted(info.features.keys())
   missing = sorted({'image', 'label'} - set(features))
   if missing:
-    raise DataError(f"{where}: has features {sorted(features)} but no {missing}; "
-                    f"data.source='tfds' reads image classification datasets")
-  images = np.asarray(features['image'], np.uint8)
-  if images.ndim == 3:
-    images = images[..., None]
-  return Split(images, np.asarray(features['label'], np.int32))
+    raise DataError(f"{where}: has features {features} but no {missing}; data.source='tfds' "
+                    f"reads image classification datasets")
+  declared = getattr(info.features['label'], 'num_classes', None)
+  if declared is not None and declared != num_classes:
+    raise DataError(f'{where}: its labels have {declared} classes but model.num_classes='
+                    f'{num_classes} (config key model.num_classes)')
 
 
-def load_tfds_split(name: str, split: str, directory: str | None, download: bool) -> Split:
+def as_split(images, labels) -> Split:
+  images = np.asarray(images, np.uint8)
+  return Split(images[..., None] if images.ndim == 3 else images, np.asarray(labels, np.int32))
+
+
+def load_tfds_split(name: str, split: str, directory: str | None, download: bool,
+                    num_classes: int) -> Split:
   """Reads a whole split: through `tfds.data_source` (random access, no TensorFlow), or,
   for data prepared as TFRecord (what `tfds.load` writes), through `tfds.load` when
   TensorFlow is importable.
@@ -180,28 +187,30 @@ def load_tfds_split(name: str, split: str, directory: str | None, download: bool
                       f'data.download=True to download and prepare it, or data.dir to the '
                       f'tfds data dir holding it') from e
     if 'tfrecord' in formats and tensorflow_importable():
-      return load_tfrecord_split(tfds, where, name, split, directory)
+      return load_tfrecord_split(tfds, where, name, split, directory, num_classes)
     if not {'array_record', 'parquet'} & formats:
       raise DataError(f'{where}: prepared only as {", ".join(sorted(formats))}; TFRecord is '
                       f'read through TensorFlow, which is not importable here: install '
                       f'tensorflow, or prepare it with `tfds build {name} '
                       f'--file_format=array_record`') from e
     raise DataError(f'{where}, split {split!r}, cannot be opened: {e}') from e
-  if len(source) == 0:  # load_splits names the empty split.
-    return Split(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int32))
+  check_features(where, source.dataset_info, num_classes)
   records = [source[i] for i in range(len(source))]
-  return image_label_split(where, {key: [r[key] for r in records] for key in records[0]})
+  return as_split([r['image'] for r in records], [r['label'] for r in records])
 
 
-def load_tfrecord_split(tfds, where: str, name: str, split: str, directory: str | None) -> Split:
+def load_tfrecord_split(tfds, where: str, name: str, split: str, directory: str | None,
+                        num_classes: int) -> Split:
   """A TFRecord-prepared split, read whole through `tfds.load` and TensorFlow."""
   try:
-    features = tfds.as_numpy(tfds.load(name, split=split, data_dir=directory, download=False,
-                                       batch_size=-1))
+    batch, info = tfds.load(name, split=split, data_dir=directory, download=False,
+                            batch_size=-1, with_info=True)
   except Exception as e:
     raise DataError(f'{where}, split {split!r}, prepared as tfrecord, cannot be read by '
                     f'tfds.load: {e}') from e
-  return image_label_split(where, features)
+  check_features(where, info, num_classes)
+  batch = tfds.as_numpy(batch)
+  return as_split(batch['image'], batch['label'])
 
 
 def load_splits(source: str, directory: str, name: str, num_classes: int,
@@ -216,7 +225,7 @@ def load_splits(source: str, directory: str, name: str, num_classes: int,
     loaded = {s: load_idx_split(directory, s) for s in splits}
     where = {s: os.path.join(directory, IDX_FILES[s][1]) for s in splits}
   elif source == 'tfds':
-    loaded = {s: load_tfds_split(name, s, directory, download) for s in splits}
+    loaded = {s: load_tfds_split(name, s, directory, download, num_classes) for s in splits}
     where = {s: f'tfds {name}/{s}' for s in splits}
   else:
     raise DataError(f"data.source must be 'idx' or 'tfds', got {source!r}")

@@ -168,12 +168,17 @@ def test_tfds_without_prepared_data_is_a_clear_error_not_a_download(tmp_path):
     input_pipeline.load_dataset('tfds', str(tmp_path), 'mnist', 10, download=False)
 
 
-def test_tfds_dataset_without_images_is_named(monkeypatch):
-  monkeypatch.setattr(tfds, 'data_source', lambda *a, **k: [{'text': b'great', 'label': 1}])
-  with pytest.raises(input_pipeline.DataError, match=(
-      r"^tfds dataset 'imdb_reviews' in .*: has features \['label', 'text'\] but no \['image'\]; "
-      r"data.source='tfds' reads image classification datasets$")):
-    input_pipeline.load_dataset('tfds', '', 'imdb_reviews', 2)
+def test_tfds_features_are_checked_against_the_config():
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(input_pipeline.DataError, match=(
+        r"^tfds dataset 'imdb_reviews' in .*: has features \['label', 'text'\] but no "
+        r"\['image'\]; data.source='tfds' reads image classification datasets$")):
+      input_pipeline.load_dataset('tfds', '', 'imdb_reviews', 2)
+    # Too many classes is no label out of range, but still not what the data says.
+    with pytest.raises(input_pipeline.DataError, match=(
+        r"^tfds dataset 'cifar10' in .*: its labels have 10 classes but model.num_classes=100 "
+        r"\(config key model.num_classes\)$")):
+      input_pipeline.load_dataset('tfds', '', 'cifar10', 100)
 
 
 PREPARED = {'train': 512, 'test': 256}  # How many shipped digits tfds prepares per split.
