@@ -6,8 +6,9 @@ Three 3x3 VALID conv blocks (32, 64, 64 filters; 2x2 max pooling after the first
 32 -> 30 -> 15 -> 13 -> 6 -> 4), dense 64, Adam at 1e-3, batches of 32, 10 epochs, no
 augmentation: the model of https://www.tensorflow.org/tutorials/images/cnn, which says
 it reaches "a test accuracy of over 70%". Not measured here (the dataset needs a
-download). Needs `cifar10` prepared for tfds.data_source, or `--config.data.download=True`
-with a network. Augmentation as an ablation:
+download). Needs `cifar10` prepared in tfds's data dir (by `tfds build`, or by
+`tfds.load` where TensorFlow is importable), or `--config.data.download=True` with a
+network. Augmentation as an ablation:
 `--config.data.augment=crop_flip --config.data.augment_pixels=4`.
 """
 

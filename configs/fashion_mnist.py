@@ -7,8 +7,9 @@ dropout, each training image shifted by up to 2 pixels. For scale: a two-conv-la
 with BatchNorm and dropout reaches 93.4% on average
 (https://github.com/cmasch/zalando-fashion-mnist); more benchmarks are in
 https://github.com/zalandoresearch/fashion-mnist. Not measured here (the dataset needs a
-download). Needs `fashion_mnist` prepared for tfds.data_source, or
-`--config.data.download=True` with a network; the dataset's IDX files work too, with
+download). Needs `fashion_mnist` prepared in tfds's data dir (by `tfds build`, or by
+`tfds.load` where TensorFlow is importable), or `--config.data.download=True` with a
+network; the dataset's IDX files work too, with
 `--config.data.source=idx --config.data.dir=DIR`.
 """
 
