@@ -196,6 +196,11 @@ def load_tfds_split(name: str, split: str, directory: str | None, download: bool
     raise DataError(f'{where}, split {split!r}, cannot be opened: {e}') from e
   check_features(where, source.dataset_info, num_classes)
   records = [source[i] for i in range(len(source))]
+  shapes = sorted({np.shape(r['image']) for r in records})
+  if len(shapes) > 1:
+    raise DataError(f'{where}, split {split!r}: its images come in {len(shapes)} shapes '
+                    f'({shapes[0]}, {shapes[1]}, ...) but a batch needs one; use a variant of '
+                    f'the dataset with one image size (such as imagenet_resized/32x32)')
   return as_split([r['image'] for r in records], [r['label'] for r in records])
 
 

@@ -179,6 +179,10 @@ def test_tfds_features_are_checked_against_the_config():
         r"^tfds dataset 'cifar10' in .*: its labels have 10 classes but model.num_classes=100 "
         r"\(config key model.num_classes\)$")):
       input_pipeline.load_dataset('tfds', '', 'cifar10', 100)
+    with pytest.raises(input_pipeline.DataError, match=(
+        r"^tfds dataset 'oxford_flowers102' in .*, split 'train': its images come in \d shapes "
+        r"\(\(\d+, \d+, 3\), .*\) but a batch needs one; use a variant .* one image size")):
+      input_pipeline.load_dataset('tfds', '', 'oxford_flowers102', 102)
 
 
 PREPARED = {'train': 512, 'test': 256}  # How many shipped digits tfds prepares per split.
