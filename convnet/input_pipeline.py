@@ -207,6 +207,11 @@ def load_tfds_split(name: str, split: str, directory: str | None, download: bool
 def load_tfrecord_split(tfds, where: str, name: str, split: str, directory: str | None,
                         num_classes: int) -> Split:
   """A TFRecord-prepared split, read whole through `tfds.load` and TensorFlow."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:  # As flax's examples do: TensorFlow would otherwise reserve GPU memory JAX needs.
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TensorFlow already ran in this process: too late to hide them.
+    pass
   try:
     batch, info = tfds.load(name, split=split, data_dir=directory, download=False,
                             batch_size=-1, with_info=True)

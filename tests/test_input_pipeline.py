@@ -220,13 +220,16 @@ def sorted_examples(split: input_pipeline.Split) -> np.ndarray:
 
 def test_tfds_reads_tfrecord_through_tensorflow_and_array_record_without(prepared_mnist, mnist,
                                                                           monkeypatch):
-  loads = []
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  loads, hidden = [], []
   real_load = tfds.load
   monkeypatch.setattr(tfds, 'load', lambda *a, **k: loads.append(k['data_dir']) or
                       real_load(*a, **k))
+  monkeypatch.setattr(tf.config, 'set_visible_devices', lambda *a: hidden.append(a))
   read = {file_format: input_pipeline.load_splits('tfds', directory, 'mnist', 10)
           for file_format, directory in prepared_mnist.items()}
   assert loads == [prepared_mnist['tfrecord']] * 2  # data_source reads array_record itself.
+  assert hidden == [([], 'GPU')] * 2  # TensorFlow keeps its hands off JAX's GPU memory.
   for split, count in PREPARED.items():
     tfrecord, array_record = read['tfrecord'][split], read['array_record'][split]
     assert tfrecord.images.shape == (count, 28, 28, 1) and tfrecord.images.dtype == np.uint8
