@@ -315,13 +315,15 @@ def test_tfds_datasets_of_any_size_and_colour_flow_through_everything(smoke_conf
   run_dir = tmp_path / 'run'
   with tfds.testing.mock_data(num_examples=128, policy=tfds.testing.MockPolicy.USE_CODE):
     results = train.train_and_evaluate(smoke_config, str(run_dir))
-    test = input_pipeline.load_splits('tfds', '', name, 10, splits=('test',))['test']
+    splits = input_pipeline.load_splits('tfds', '', name, 10)
     paths = visualize.visualize(str(run_dir))
+  test = splits['test']
   assert results['test_count'] == 128
   data = json.loads((run_dir / 'data.json').read_text())
-  channels = image_shape[-1]
   assert data['image_shape'] == list(image_shape)
-  assert len(data['mean']) == len(data['std']) == channels
+  pixels = splits['train'].images.reshape(-1, image_shape[-1]) / 255  # One row per pixel.
+  np.testing.assert_allclose(data['mean'], pixels.mean(axis=0), rtol=1e-9)
+  np.testing.assert_allclose(data['std'], pixels.std(axis=0), rtol=1e-9)
   trained = inference.Trained(str(run_dir))
   assert trained.model.ops.backend == 'cpu'
   xla = trained.model.clone(ops=ops.make('xla'))
