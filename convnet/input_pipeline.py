@@ -127,9 +127,11 @@ def check_reachable(host: tuple[str, int], timeout: float = 15.0) -> str | None:
 
 
 def prepared_formats(name: str, directory: str) -> list[str]:
-  """The file formats of the prepared versions of tfds dataset `name` under directory."""
+  """The file formats of the prepared versions of tfds dataset `name` ('mnist',
+  'emnist/letters', 'mnist:3.0.1') under directory."""
   formats = []
-  pattern = os.path.join(directory, *name.split('/'), '*', 'dataset_info.json')
+  dataset, _, version = name.partition(':')
+  pattern = os.path.join(directory, *dataset.split('/'), version or '*', 'dataset_info.json')
   for info in sorted(glob.glob(pattern)):
     try:
       with open(info) as f:
@@ -182,6 +184,9 @@ def load_tfds_split(name: str, split: str, directory: str | None, download: bool
     source = tfds.data_source(name, split=split, data_dir=directory, download=download)
   except Exception as e:  # tfds raises many types for a missing or unprepared dataset.
     formats = set(prepared_formats(name, directory or tfds.core.constants.DATA_DIR))
+    if not formats and download:
+      raise DataError(f'{where}: data.download=True, but downloading and preparing it '
+                      f'failed: {e}') from e
     if not formats:
       raise DataError(f'{where}: not prepared there (config key data.dir); set '
                       f'data.download=True to download and prepare it, or data.dir to the '

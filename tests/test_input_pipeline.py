@@ -250,6 +250,9 @@ def test_tfrecord_without_tensorflow_names_the_format_and_the_ways_out(prepared_
       r"TFRecord is read through TensorFlow, which is not importable here: install "
       r"tensorflow, or prepare it with `tfds build mnist --file_format=array_record`$")):
     input_pipeline.load_dataset('tfds', prepared_mnist['tfrecord'], 'mnist', 10)
+  with pytest.raises(input_pipeline.DataError, match=r"'mnist:3.0.1' in .*: prepared only as "
+                                                     r"tfrecord;"):  # A version in the name.
+    input_pipeline.load_dataset('tfds', prepared_mnist['tfrecord'], 'mnist:3.0.1', 10)
 
 
 def test_main_trains_on_a_tfrecord_prepared_dataset(prepared_mnist, tmp_path):
@@ -267,6 +270,19 @@ def test_main_trains_on_a_tfrecord_prepared_dataset(prepared_mnist, tmp_path):
   for split in PREPARED:  # It trained and tested on exactly the prepared digits.
     assert recorded[split] == workdir_lib.fingerprint(splits[split])
   assert json.loads((workdir / 'results.json').read_text())['test_accuracy'] > 0.5  # Chance: 0.1
+
+
+def test_tfds_download_that_fails_says_so(tmp_path, monkeypatch):
+  monkeypatch.setattr(input_pipeline, 'check_reachable', lambda host: None)  # "Online".
+
+  def failing(*args, **kwargs):
+    raise ModuleNotFoundError("No module named 'tensorflow'")  # What encoding images needs.
+
+  monkeypatch.setattr(tfds, 'data_source', failing)
+  with pytest.raises(input_pipeline.DataError, match=(
+      f"^tfds dataset 'mnist' in {tmp_path}: data.download=True, but downloading and "
+      f"preparing it failed: No module named 'tensorflow'$")):
+    input_pipeline.load_dataset('tfds', str(tmp_path), 'mnist', 10, download=True)
 
 
 def test_tfds_download_offline_fails_fast_naming_the_host(tmp_path, monkeypatch):
