@@ -299,7 +299,7 @@ def augment(images, key: jax.Array, kind: str, pixels: int):
   (MNIST's background); 'crop_flip': the same (pad with zeros and crop, the CIFAR
   standard) plus a horizontal flip of half the images; 'none' returns them as they are.
   """
-  if kind == 'none' or not pixels and kind == 'shift':
+  if kind == 'none' or (kind == 'shift' and not pixels):
     return images
   b, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)))

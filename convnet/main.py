@@ -40,10 +40,11 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   if CPU_DEVICES.value:  # Read by XLA when the CPU backend starts: before any jax call.
     parallel.force_cpu_devices(CPU_DEVICES.value)
+  cluster = parallel.cluster()
   if COORDINATOR.value:
     parallel.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-  elif parallel.cluster():  # The cluster tells JAX the processes; no flags needed.
-    print(f'{parallel.cluster()}: jax.distributed.initialize()', flush=True)
+  elif cluster:  # The cluster tells JAX the processes; no flags needed.
+    print(f'{cluster}: jax.distributed.initialize()', flush=True)
     parallel.initialize_distributed()
   try:
     train.train_and_evaluate(CONFIG.value, WORKDIR.value, ALLOW_CONFIG_CHANGE.value)
