@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
-from convnet import input_pipeline  # noqa: E402
+from convnet import input_pipeline, workdir  # noqa: E402
 
 MNIST_DIR = os.path.join(REPO, 'data', 'mnist')
 
@@ -42,6 +42,12 @@ def fingerprint(directory) -> dict[str, str]:
       with open(path, 'rb') as f:
         hashes[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return hashes
+
+
+def metrics_without_timings(run_dir) -> list[dict]:
+  """A run's metrics.jsonl records without their wall-clock fields: what repeats exactly."""
+  return [{k: v for k, v in r.items() if k not in ('images_per_s', 'time_s')}
+          for r in workdir.read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))]
 
 
 def main_command(workdir, *overrides, config='configs/default.py:smoke') -> list[str]:

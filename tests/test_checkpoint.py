@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from conftest import MNIST_DIR, REPO, fingerprint, main_command
+from conftest import MNIST_DIR, REPO, fingerprint, main_command, metrics_without_timings
 from convnet import checkpoint, config_lib, inference, input_pipeline, train, workdir
 
 # 4,096 images = 32 steps per epoch; a chunk and a checkpoint every 4 steps; shifted images,
@@ -29,11 +29,6 @@ def final_params(run_dir):
     tree = manager.restore(manager.latest_step())
   return {path: np.asarray(x) for path, x in
           ocp.tree.to_flat_dict(tree['state']['params'], sep='/').items()}
-
-
-def metrics_without_timings(run_dir):
-  return [{k: v for k, v in r.items() if k not in ('images_per_s', 'time_s')}
-          for r in workdir.read_jsonl(run_dir / 'metrics.jsonl')]
 
 
 def results(run_dir):

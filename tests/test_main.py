@@ -68,13 +68,13 @@ def test_cli_trains_and_writes_every_output(tmp_path):
                             str(tmp_path / 'nothing')], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
   assert missing.returncode == 1 and not os.path.exists(tmp_path / 'nothing')
+  assert missing.stderr.strip().splitlines() == [
+      f'error: {tmp_path / "nothing" / "config.json"} not found: {tmp_path / "nothing"} holds no '
+      f'run (or one from before config.json was written)']
   # The same command again: a finished run is never overwritten.
   again = run_main(tmp_path / 'run', *overrides)
   assert again.returncode == 1 and 'holds a finished run' in again.stderr
   assert fingerprint(tmp_path / 'run') == after
-  assert missing.stderr.strip().splitlines() == [
-      f'error: {tmp_path / "nothing" / "config.json"} not found: {tmp_path / "nothing"} holds no '
-      f'run (or one from before config.json was written)']
 
 
 def test_cli_per_block_tuple_override(tmp_path):

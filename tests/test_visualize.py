@@ -339,9 +339,14 @@ def test_tfds_datasets_of_any_size_and_colour_flow_through_everything(smoke_conf
   assert 0 <= row['label'] < 10 and len(row['top3']) == 3
 
 
-def test_colab_notebook_text_has_no_placeholder_and_keeps_the_runtimes_jax():
+def colab_notebook():
+  """notebooks/colab_tpu.ipynb as nbformat reads it."""
   import nbformat  # pylint: disable=import-outside-toplevel
-  notebook = nbformat.read(os.path.join(REPO, 'notebooks', 'colab_tpu.ipynb'), as_version=4)
+  return nbformat.read(os.path.join(REPO, 'notebooks', 'colab_tpu.ipynb'), as_version=4)
+
+
+def test_colab_notebook_text_has_no_placeholder_and_keeps_the_runtimes_jax():
+  notebook = colab_notebook()
   code = '\n'.join(cell.source for cell in notebook.cells if cell.cell_type == 'code')
   assert 'YOUR-' not in code and 'example.com' not in code
   assert "REPO = ''  # @param" in code  # A form field; empty means the clone it runs in.
@@ -359,8 +364,7 @@ def run_install_cell(*, environ=None, devices=(), nvidia=False, backend='cpu',
                      pip_installed=False):
   """Executes the notebook's install cell on a faked runtime: (pip commands, constraints
   file text, printed lines). Nothing is installed; what the cell would run is recorded."""
-  import nbformat  # pylint: disable=import-outside-toplevel
-  notebook = nbformat.read(os.path.join(REPO, 'notebooks', 'colab_tpu.ipynb'), as_version=4)
+  notebook = colab_notebook()
   [cell] = [c for c in notebook.cells if c.get('id') == 'cell-02']
   pips, written, printed = [], {}, []
 
@@ -428,8 +432,7 @@ def test_colab_install_cell_installs_nothing_once_convnet_is_installed():
 
 def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path):
   import nbclient  # pylint: disable=import-outside-toplevel
-  import nbformat  # pylint: disable=import-outside-toplevel
-  notebook = nbformat.read(os.path.join(REPO, 'notebooks', 'colab_tpu.ipynb'), as_version=4)
+  notebook = colab_notebook()
   os.environ['CONVNET_NOTEBOOK_SMOKE'] = '1'
   os.environ['CONVNET_NOTEBOOK_WORKDIR'] = str(tmp_path)
   try:
