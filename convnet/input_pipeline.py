@@ -11,6 +11,7 @@ import glob
 import gzip
 import importlib.util
 import json
+import logging
 import math
 import os
 import socket
@@ -31,6 +32,9 @@ _IDX_UINT8 = 0x08
 SHIPPED_MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'data', 'mnist')
 TFDS_HOST = ('storage.googleapis.com', 443)  # Where tfds downloads prepared data from.
+# tfds's notice as it probes a data dir without the dataset: load_tfds_split's error says so.
+logging.getLogger('absl').addFilter(
+    lambda record: 'has no dataset_info.json' not in record.getMessage())
 
 
 class DataError(ValueError):

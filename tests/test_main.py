@@ -100,6 +100,14 @@ def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
     assert culprit in done.stderr, (overrides, done.stderr[-2000:])
     assert 'Traceback' not in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / 'run').exists()
+  # A tfds dataset that is not prepared: that one line, without tfds's own notices.
+  done = run_main(tmp_path / 'run', '--config.data.source=tfds', '--config.data.name=cifar10',
+                  f'--config.data.dir={tmp_path}')
+  assert done.returncode == 1 and not (tmp_path / 'run').exists()
+  assert done.stderr.strip().splitlines() == [
+      f"error: tfds dataset 'cifar10' in {tmp_path}: not prepared there (config key data.dir); "
+      f"set data.download=True to download and prepare it, or data.dir to the tfds data dir "
+      f"holding it"]
 
 
 def test_bad_config_files_are_one_line_errors(tmp_path, capsys):
