@@ -1,7 +1,8 @@
 """The seam between the model and its kernels: conv2d, pool2d and Dropout per backend.
 
-  'xla'   the library's ops: lax.conv_general_dilated, each pool's own `apply` (Flax/lax
-          pooling), nn.Dropout, all with JAX's derivatives. What GPUs and TPUs run well.
+  'xla'   the library's ops: lax.conv_general_dilated (its backward pass written out as
+          the two convolutions JAX's own rule emits: see `library_conv`), each pool's own
+          `apply` (Flax/lax pooling), nn.Dropout. What GPUs and TPUs run well.
   'cpu'   the kernels in convnet/cpu, written for XLA's CPU backend: im2col with
           hand-written gradients, the blocks batch-innermost (layout='CHWN'), a
           one-channel conv and its max pool as one matmul, and only the conv outputs the
@@ -13,6 +14,7 @@ rounding), so a checkpoint trained with one loads and predicts with the other.
 """
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -39,6 +41,48 @@ def resolve(name: str) -> str:
   if name == 'auto':
     return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
   return name
+
+
+NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def library_conv(x, kernel, stride: int, padding: tuple[tuple[int, int], ...]):
+  """lax.conv_general_dilated of NHWC images with an HWIO kernel (explicit padding).
+
+  Its backward pass is the two convolutions JAX's transpose rules emit, called through
+  the public lax API: jax 0.7.2 (Colab's) tags them with an output sharding that its own
+  vmap rule then refuses inside pmap and shard_map (NotImplementedError,
+  jax-ml/jax#32157), which is where the trainer vmaps its step over seeds.
+  """
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                  dimension_numbers=NHWC_HWIO)
+
+
+def _library_conv_fwd(x, kernel, stride, padding):
+  return library_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _library_conv_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  size_in, size_out, k = x.shape[1:3], dy.shape[1:3], kernel.shape[:2]
+  # Where the last window started, counted in input pixels: (out - 1) * stride + 1.
+  spanned = [(o - 1) * stride + 1 for o in size_out]
+  # dx: dy, spread out by the stride, convolved with the flipped kernel (in/out swapped).
+  dx_padding = [(k_ - 1 - lo, n - span + lo)
+                for n, k_, span, (lo, _) in zip(size_in, k, spanned, padding)]
+  dx = lax.conv_general_dilated(dy, lax.rev(kernel, (0, 1)), (1, 1), dx_padding,
+                                lhs_dilation=(stride, stride),
+                                dimension_numbers=('NHWC', 'HWOI', 'NHWC'))
+  # dkernel: x correlated with dy (spread by the stride), summed over the batch.
+  dk_padding = [(lo, span - n + k_ - 1 - lo)
+                for n, k_, span, (lo, _) in zip(size_in, k, spanned, padding)]
+  dkernel = lax.conv_general_dilated(x, dy, (1, 1), dk_padding, rhs_dilation=(stride, stride),
+                                     dimension_numbers=('CHWN', 'IHWO', 'HWNC'))
+  return dx, dkernel
+
+
+library_conv.defvjp(_library_conv_fwd, _library_conv_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +115,8 @@ class Ops:
                              out_size=out_size)
     if out_size is not None:
       raise ValueError('out_size is a CPU-kernel plan; the library conv computes every output')
-    return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    pads = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding)
+    return library_conv(x, kernel, stride, tuple(map(tuple, pads)))
 
   def pool2d(self, x, *, kind: str, window: int, stride: int):
     """Pooling of rows and columns (axes 1 and 2) by the registered pool `kind`."""

@@ -38,19 +38,32 @@ def results(run_dir):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
-  run_dir = tmp_path_factory.mktemp('uninterrupted') / 'run'
-  done = subprocess.run(main_command(run_dir, *RUN), cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
-  assert done.returncode == 0, done.stderr
-  return run_dir
+def uninterrupted_runs(tmp_path_factory):
+  """kernels ('auto' | 'xla') -> the workdir of RUN trained uninterrupted with model.ops set
+  so, trained once, when first asked for."""
+  runs = {}
+
+  def run(kernels):
+    if kernels not in runs:
+      run_dir = tmp_path_factory.mktemp(f'uninterrupted-{kernels}') / 'run'
+      done = subprocess.run(main_command(run_dir, *RUN, f'--config.model.ops={kernels}'),
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+      assert done.returncode == 0, done.stderr
+      runs[kernels] = run_dir
+    return runs[kernels]
+  return run
 
 
-def start_and_signal(run_dir, sig, after_step):
+@pytest.fixture(scope='module')
+def uninterrupted(uninterrupted_runs):
+  return uninterrupted_runs('auto')
+
+
+def start_and_signal(run_dir, sig, after_step, *overrides):
   """Starts a run and sends `sig` once metrics.jsonl shows `after_step`; returns the process."""
   log = open(run_dir.parent / f'{run_dir.name}.log', 'w+')  # Not a pipe: it could fill up.
-  process = subprocess.Popen(main_command(run_dir, *RUN), cwd=REPO, stdout=log, stderr=log,
-                             text=True)
+  process = subprocess.Popen(main_command(run_dir, *RUN, *overrides), cwd=REPO, stdout=log,
+                             stderr=log, text=True)
   metrics = run_dir / 'metrics.jsonl'
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
@@ -64,21 +77,23 @@ def start_and_signal(run_dir, sig, after_step):
   return process, log.read()
 
 
-def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run_bitwise(uninterrupted,
-                                                                            tmp_path):
+@pytest.mark.parametrize('kernels', ['auto', 'xla'])  # The CPU kernels here; GPU/TPU's.
+def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run_bitwise(uninterrupted_runs,
+                                                                            tmp_path, kernels):
+  uninterrupted, ops = uninterrupted_runs(kernels), f'--config.model.ops={kernels}'
   run_dir = tmp_path / 'run'
   # Preempted politely: SIGTERM saves a checkpoint and exits 75 with how to resume.
-  stopped, stderr = start_and_signal(run_dir, signal.SIGTERM, after_step=8)
+  stopped, stderr = start_and_signal(run_dir, signal.SIGTERM, 8, ops)
   assert stopped.returncode == 75, stderr
   assert 'SIGTERM at step' in stderr and 'rerun the same command to resume' in stderr
   step = int(stderr.split('SIGTERM at step ')[1].split(':')[0])
   assert str(step) in os.listdir(run_dir / 'checkpoints')
   # Resumed, then killed outright mid-run.
-  killed, output = start_and_signal(run_dir, signal.SIGKILL, after_step=38)
+  killed, output = start_and_signal(run_dir, signal.SIGKILL, 38, ops)
   assert f'from its checkpoint at step {step}' in output
   assert killed.returncode == -signal.SIGKILL
   assert not (run_dir / 'results.json').exists()  # It really died mid-run.
-  resumed = subprocess.run(main_command(run_dir, *RUN), cwd=REPO, capture_output=True,
+  resumed = subprocess.run(main_command(run_dir, *RUN, ops), cwd=REPO, capture_output=True,
                            text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr
   resumed_from = int(resumed.stdout.split('checkpoint at step ')[1].split()[0])
@@ -95,7 +110,8 @@ def test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run_bitwise(uni
 
 def test_two_runs_started_together_one_refused_the_other_as_a_lone_run(uninterrupted, tmp_path):
   run_dir = tmp_path / 'run'
-  processes = [subprocess.Popen(main_command(run_dir, *RUN), cwd=REPO, stdout=subprocess.PIPE,
+  command = main_command(run_dir, *RUN, '--config.model.ops=auto')  # As `uninterrupted`'s.
+  processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
   outputs = [process.communicate(timeout=300) for process in processes]
   codes = sorted(process.returncode for process in processes)

@@ -86,6 +86,21 @@ def test_cli_per_block_tuple_override(tmp_path):
   assert '1 x cpu in 1 process(es)' in done.stdout
 
 
+@pytest.mark.parametrize('cpu_devices', [8, 1])
+def test_cli_trains_the_library_ops_two_seeds_on_shifted_images_on_8_devices_and_1(
+    tmp_path, cpu_devices):
+  """What 'auto' runs on a GPU or TPU (the library ops), from the command line."""
+  done = run_main(tmp_path / 'run', '--config.model.ops=xla', '--config.data.augment=shift',
+                  '--config.num_seeds=2', f'--cpu_devices={cpu_devices}')
+  assert done.returncode == 0, done.stderr
+  assert "xla kernels (model.ops='xla')" in done.stdout
+  assert f'{cpu_devices} x cpu in 1 process(es)' in done.stdout
+  with open(tmp_path / 'run' / 'results.json') as f:
+    results = json.load(f)
+  assert results['num_devices'] == cpu_devices and results['seeds'] == [0, 1]
+  assert min(results['test_accuracy_per_seed']) > 0.5  # One epoch on 2,048 images; chance 0.1.
+
+
 def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
   cases = [
       (['--config.model.widht=3'], 'widht'),

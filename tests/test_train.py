@@ -44,9 +44,12 @@ def run_epoch(config, mnist, devices, num_images=64, how='pmap', chunk_steps=Non
   return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))
 
 
-def test_pmap_over_two_devices_equals_one_device_on_the_same_global_batches(smoke_config, mnist):
+@pytest.mark.parametrize('kernels', ['cpu', 'xla'])
+def test_pmap_over_two_devices_equals_one_device_on_the_same_global_batches(smoke_config, mnist,
+                                                                           kernels):
   config = batchnorm_config(smoke_config)
   config.batch_size = 32
+  config.model.ops = kernels
   one_state, one_metrics = run_epoch(config, mnist, jax.local_devices()[:1])
   two_state, two_metrics = run_epoch(config, mnist, jax.local_devices()[:2])
   assert int(one_state.step) == int(two_state.step) == 2
@@ -63,9 +66,11 @@ def test_pmap_over_two_devices_equals_one_device_on_the_same_global_batches(smok
                          one_state.batch_stats['ConvBlock_1']['BatchNorm_0']['mean'])
 
 
-def test_jit_with_sharding_equals_pmap(smoke_config, mnist):
+@pytest.mark.parametrize('kernels', ['cpu', 'xla'])
+def test_jit_with_sharding_equals_pmap(smoke_config, mnist, kernels):
   config = batchnorm_config(smoke_config)
   config.batch_size = 32
+  config.model.ops = kernels
   devices = jax.local_devices()[:2]
   pmap_state, pmap_metrics = run_epoch(config, mnist, devices, how='pmap')
   jit_state, jit_metrics = run_epoch(config, mnist, devices, how='jit')
@@ -227,6 +232,26 @@ def test_training_real_mnist_learns_and_repeats_exactly(smoke_config, tmp_path):
   assert metrics_without_timings(tmp_path / 'a') == metrics_without_timings(tmp_path / 'b')
   with open(tmp_path / 'a' / 'config.json') as f:
     assert json.load(f) == json.loads(json.dumps(config.to_dict()))
+
+
+@pytest.mark.parametrize('num_devices', [1, 2])
+def test_what_auto_runs_on_a_gpu_trains_seeds_batchnorm_and_shifted_images(
+    smoke_config, tmp_path, monkeypatch, capsys, num_devices):
+  """The accelerator path, with JAX reporting a GPU (the arrays stay on the fake CPU
+  devices): 'auto' picks the library ops, and two vmapped seeds of a BatchNorm model on
+  shifted images learn, each its own way, on one device and on two."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  config = batchnorm_config(smoke_config)
+  config.num_seeds, config.num_devices, config.data.augment = 2, num_devices, 'shift'
+  config.data.num_train, config.batch_size, config.log_every_steps = 1024, 32, 8
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert "xla kernels (model.ops='auto')" in capsys.readouterr().out
+  assert results['num_devices'] == num_devices and results['seeds'] == [0, 1]
+  accuracies = results['test_accuracy_per_seed']
+  assert min(accuracies) > 0.6 and accuracies[0] != accuracies[1]  # Chance is 0.1.
+  train_losses = [r['train_loss'] for r in workdir.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+                  if 'train_loss' in r]
+  assert train_losses[-1] < 0.75 * train_losses[0]
 
 
 def test_learning_rate_schedule_warmup_then_cosine(smoke_config):
