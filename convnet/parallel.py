@@ -97,8 +97,16 @@ def parallelize(fn: Callable, devices, in_axes, how: str = 'pmap',
     return fn(*(x if axis is None else jax.tree_util.tree_map(lambda a: a[0], x)
                 for x, axis in zip(args, in_axes)))
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(),
-                               check_vma=False), donate_argnums=donate_argnums)
+  return jax.jit(shard_map(per_device, mesh, specs), donate_argnums=donate_argnums)
+
+
+def shard_map(fn: Callable, mesh, in_specs) -> Callable:
+  """jax.shard_map with unchecked replication and a replicated output; jax 0.6.0 (the
+  lowest jax pyproject allows) has it only as jax.experimental.shard_map."""
+  if hasattr(jax, 'shard_map'):
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
+  from jax.experimental import shard_map as old  # pylint: disable=import-outside-toplevel
+  return old.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(), check_rep=False)
 
 
 def compile_now(fn: Callable, *args) -> Callable:

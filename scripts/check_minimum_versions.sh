@@ -1,44 +1,84 @@
 #!/usr/bin/env bash
 # Installs the lowest versions pyproject.toml allows of the packages convnet's code calls
-# into most (jax, flax, optax, orbax-checkpoint, tensorflow-datasets: "name>=X" installed
-# as "name==X"; the others as pyproject.toml asks) in a fresh venv, and runs a smoke
-# subset of the tests there: those lower bounds are true only if this passes. Not part
-# of `make test` (it downloads and installs a whole stack).
+# into most (jax, flax, optax, orbax-checkpoint, tensorflow-datasets, absl-py: "name>=X"
+# installed as "name==X"; the others as pyproject.toml asks) in a fresh venv, and runs a
+# subset of the tests there: those lower bounds are true only if this passes. With
+# --colab, the versions Colab's runtimes ship instead (tests/colab/tpu.txt, on Python 3.13
+# where pyenv has it) and the accelerator path's tests alone. `.ci/run` runs both; each
+# downloads and installs a whole stack, so neither is part of `make test`.
 #
 #   scripts/check_minimum_versions.sh                    # the bounds as written
+#   scripts/check_minimum_versions.sh --colab            # Colab's jax 0.7.2, flax 0.11.2, ...
 #   scripts/check_minimum_versions.sh jax==0.9.2 flax==0.11.0   # try lower ones first
 set -euo pipefail
 cd "$(dirname "$0")/.."
+COLAB=0
+if [[ "${1:-}" == --colab ]]; then
+  COLAB=1
+  shift
+  colab_python="$(pyenv prefix 3.13 2>/dev/null | head -n1)/bin/python3.13"
+  [[ -x "$colab_python" ]] || colab_python=python3
+  PYTHON="${PYTHON:-$colab_python}"
+fi
 VENV="${VENV:-$(mktemp -d)/venv}"
 PYTHON="${PYTHON:-python3}"
 
-# One requirement per line: the pins, then the test tools of the [dev] extra as written.
-mapfile -t pins < <("$PYTHON" - "$@" <<'PY'
+# One requirement per line: the pins, then the test tools (the [dev] extra as written; with
+# --colab only pytest's, as the accelerator tests prepare no tfds data and run no notebook).
+mapfile -t pins < <("$PYTHON" - "$COLAB" "$@" <<'PY'
 import re, sys, tomllib
-CORE = ('jax', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-datasets')
-overrides = {re.split('[=<>]', a)[0].lower(): a for a in sys.argv[1:]}
+CORE = ('jax', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-datasets', 'absl-py')
+colab, overrides = sys.argv[1] == '1', {re.split('[=<>]', a)[0].lower(): a for a in sys.argv[2:]}
 project = tomllib.load(open('pyproject.toml', 'rb'))['project']
-for requirement in project['dependencies']:
-  name = re.split('[=<>\[ ]', requirement)[0].lower()
-  low = re.search(r'>=\s*([^,; ]+)', requirement)
-  pinned = f'{name}=={low.group(1)}' if low and name in CORE else requirement.split(' ')[0]
-  print(overrides.get(name) or pinned)
-print(*project['optional-dependencies']['dev'], sep='\n')
+if colab:  # The runtime's name==version lines, but its TPU library and torch's wheel URL.
+  pins = [line.strip() for line in open('tests/colab/tpu.txt')
+          if '==' in line and not line.startswith(('#', 'libtpu'))]
+  pins += [r for r in project['optional-dependencies']['dev'] if r.startswith('pytest')]
+else:
+  pins = []
+  for requirement in project['dependencies']:
+    name = re.split(r'[=<>\[ ]', requirement)[0].lower()
+    low = re.search(r'>=\s*([^,; ]+)', requirement)
+    pins.append(f'{name}=={low.group(1)}' if low and name in CORE else requirement.split(' ')[0])
+  pins += project['optional-dependencies']['dev']
+for pin in pins:
+  name = re.split('[=<>; ]', pin)[0].lower()
+  print(overrides.pop(name, pin))
+print(*overrides.values(), sep='\n')
 PY
 )
-echo "installing into $VENV:" "${pins[@]}"
+echo "installing into $VENV ($("$PYTHON" --version)):" "${pins[@]}"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet "${pins[@]}"
-"$VENV/bin/pip" install --quiet --no-deps -e .
+if [[ $COLAB == 1 ]]; then  # As the notebook installs it: what the runtime has stays.
+  "$VENV/bin/pip" freeze | grep '==' > "$VENV/keep_runtime.txt"
+  "$VENV/bin/pip" install --quiet -e . -c "$VENV/keep_runtime.txt"
+else
+  "$VENV/bin/pip" install --quiet --no-deps -e .
+fi
 "$VENV/bin/pip" check || true  # Reports, for the record, what the pins leave inconsistent.
 "$VENV/bin/python" -c 'import jax, flax, optax, orbax.checkpoint, tensorflow_datasets as t; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "tfds", t.__version__)'
-# The smoke subset: models and kernels, a training run that resumes, checkpoints, tfds
-# (mocked, and prepared in both file formats), figures and TensorBoard.
-"$VENV/bin/python" -m pytest -q -x -p no:cacheprovider \
-    tests/test_models.py tests/test_shapes.py tests/test_cpu.py \
-    "tests/test_train.py::test_training_real_mnist_learns_and_repeats_exactly" \
-    "tests/test_checkpoint.py::test_same_size_corruption_is_caught_by_the_sums_and_the_run_retrains_exactly" \
-    tests/test_input_pipeline.py \
-    "tests/test_visualize.py::test_every_figure_is_written_at_its_size" \
+
+# The accelerator path: the library ops against NumPy and 'auto' under a faked GPU and
+# TPU (test_ops), trained under a faked GPU (2 seeds, BatchNorm, shifted images, 1 and 2
+# devices), pmap against jit, the CLI on 8 devices and on 1, SIGTERM, SIGKILL and resume.
+tests=(
+    tests/test_models.py tests/test_ops.py
+    "tests/test_train.py::test_what_auto_runs_on_a_gpu_trains_seeds_batchnorm_and_shifted_images"
+    "tests/test_train.py::test_pmap_over_two_devices_equals_one_device_on_the_same_global_batches[xla]"
+    "tests/test_train.py::test_jit_with_sharding_equals_pmap[xla]"
+    "tests/test_main.py::test_cli_trains_the_library_ops_two_seeds_on_shifted_images_on_8_devices_and_1"
+    "tests/test_checkpoint.py::test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run_bitwise[xla]"
+)
+if [[ $COLAB == 0 ]]; then  # And the rest of what the bounds promise: the CPU kernels, a run
+  # that repeats, checkpoints, tfds (mocked, and prepared in both file formats), figures.
+  tests+=(
+    tests/test_shapes.py tests/test_cpu.py tests/test_input_pipeline.py
+    "tests/test_train.py::test_training_real_mnist_learns_and_repeats_exactly"
+    "tests/test_checkpoint.py::test_same_size_corruption_is_caught_by_the_sums_and_the_run_retrains_exactly"
+    "tests/test_visualize.py::test_every_figure_is_written_at_its_size"
     "tests/test_visualize.py::test_tensorboard_holds_scalars_filter_grids_end_images_and_hparams"
+  )
+fi
+"$VENV/bin/python" -m pytest -q -x -p no:cacheprovider -n 2 --dist loadfile "${tests[@]}"

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import tomllib
 import types
 
 import jax
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 from conftest import REPO
@@ -352,18 +355,24 @@ def test_colab_notebook_text_has_no_placeholder_and_keeps_the_runtimes_jax():
   assert "REPO = ''  # @param" in code  # A form field; empty means the clone it runs in.
   for pin in ('jax[cpu]', 'jax==', 'jaxlib=='):
     assert pin not in code, pin
-  assert "'tpu': 'jax[tpu]', 'gpu': 'jax[cuda12]'" in code and "'-c', '/tmp/keep_jax.txt'" in code
+  assert "'tpu': 'jax[tpu]', 'gpu': 'jax[cuda12]'" in code
+  assert "'-c', '/tmp/keep_runtime.txt'" in code
   assert 'download=True' in code.split('if USE_TFDS:')[1]  # Only where tfds is asked for.
   assert code.count('download=True') == 1
 
 
-FREEZE = 'jax==0.7.2\njaxlib==0.7.2\nlibtpu==0.0.21\njax_cuda12_plugin==0.7.2\nnumpy==2.0.2\n'
+def colab_freeze(runtime: str) -> list[str]:
+  """What `pip freeze` prints on Colab's cpu, gpu or tpu runtime, for the packages convnet
+  and the notebook touch (tests/colab/: jax, flax, TensorFlow, torch, ...)."""
+  with open(os.path.join(REPO, 'tests', 'colab', f'{runtime}.txt')) as f:
+    return [line.strip() for line in f if line.strip() and not line.startswith('#')]
 
 
-def run_install_cell(*, environ=None, devices=(), nvidia=False, backend='cpu',
+def run_install_cell(*, freeze, environ=None, devices=(), nvidia=False, backend='cpu',
                      pip_installed=False):
-  """Executes the notebook's install cell on a faked runtime: (pip commands, constraints
-  file text, printed lines). Nothing is installed; what the cell would run is recorded."""
+  """Executes the notebook's install cell on a faked runtime whose `pip freeze` prints the
+  lines `freeze`: (pip commands, constraints file text, printed lines). Nothing is
+  installed; what the cell would run is recorded."""
   notebook = colab_notebook()
   [cell] = [c for c in notebook.cells if c.get('id') == 'cell-02']
   pips, written, printed = [], {}, []
@@ -376,7 +385,7 @@ def run_install_cell(*, environ=None, devices=(), nvidia=False, backend='cpu',
     if command[1] == '-c':  # What backend the runtime's jax finds.
       return subprocess.CompletedProcess(command, 0, backend + '\n', '')
     if command[3] == 'freeze':
-      return subprocess.CompletedProcess(command, 0, FREEZE, '')
+      return subprocess.CompletedProcess(command, 0, '\n'.join(freeze) + '\n', '')
     pips.append(command[3:])
     return subprocess.CompletedProcess(command, 0, '', '')
 
@@ -404,7 +413,7 @@ def run_install_cell(*, environ=None, devices=(), nvidia=False, backend='cpu',
       'open': File, 'print': lambda *a: printed.append(' '.join(map(str, a))),
       'ROOT': '/content/convnet'}
   exec(cell.source, namespace)  # pylint: disable=exec-used
-  return pips, written.get('/tmp/keep_jax.txt'), printed
+  return pips, written.get('/tmp/keep_runtime.txt'), printed
 
 
 @pytest.mark.parametrize('runtime, fakes, jax_install', [
@@ -416,18 +425,40 @@ def run_install_cell(*, environ=None, devices=(), nvidia=False, backend='cpu',
     ('cpu', dict(devices=['/dev/vfio/vfio']), None),  # The control node alone is no TPU.
 ])
 def test_colab_install_cell_keeps_or_installs_the_accelerator_jax(runtime, fakes, jax_install):
-  pips, constraints, printed = run_install_cell(**fakes)
+  freeze = colab_freeze(runtime)
+  pips, constraints, printed = run_install_cell(freeze=freeze, **fakes)
   assert printed == [f'runtime: {runtime}']
   expected = [['install', '-q', '-U', jax_install]] if jax_install else []
-  expected.append(['install', '-q', '-e', '/content/convnet', '-c', '/tmp/keep_jax.txt'])
+  expected.append(['install', '-q', '-e', '/content/convnet', '-c', '/tmp/keep_runtime.txt'])
   assert pips == expected
-  # Every jax package installed stays as it is; nothing else is pinned.
-  assert constraints.split('\n') == ['jax==0.7.2', 'jaxlib==0.7.2', 'libtpu==0.0.21',
-                                     'jax_cuda12_plugin==0.7.2']
+  # Every package the runtime has stays at its version (jax and its accelerator build,
+  # numpy under TensorFlow and torch); a wheel URL is no constraint pip takes.
+  pinned = constraints.split('\n')
+  assert pinned == [line for line in freeze if ' @ ' not in line]
+  assert 'jax==0.7.2' in pinned and 'flax==0.11.2' in pinned and 'numpy==2.1.3' in pinned
+  assert {'gpu': 'jax-cuda12-plugin==0.7.2', 'tpu': 'libtpu==0.0.21.1',
+          'cpu': 'tensorflow==2.20.0'}[runtime] in pinned
+
+
+@pytest.mark.parametrize('runtime', ['cpu', 'gpu', 'tpu'])
+def test_colab_runtimes_meet_every_requirement_so_the_install_replaces_nothing(runtime):
+  """Each dependency of convnet that a Colab runtime has, it has in a version pyproject
+  accepts, so installing under the cell's pins adds packages and replaces none."""
+  freeze = dict(line.split('==') for line in colab_freeze(runtime) if '==' in line)
+  freeze = {canonicalize_name(name): version for name, version in freeze.items()}
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    requirements = [Requirement(r) for r in tomllib.load(f)['project']['dependencies']]
+  present = [r for r in requirements if canonicalize_name(r.name) in freeze]
+  assert {'jax', 'flax', 'optax', 'numpy', 'absl-py', 'orbax-checkpoint'} <= {
+      canonicalize_name(r.name) for r in present}
+  for requirement in present:
+    version = freeze[canonicalize_name(requirement.name)]
+    assert requirement.specifier.contains(version), f'{runtime}: {requirement}, Colab {version}'
 
 
 def test_colab_install_cell_installs_nothing_once_convnet_is_installed():
-  assert run_install_cell(nvidia=True, pip_installed=True) == ([], None, ['runtime: gpu'])
+  assert run_install_cell(freeze=colab_freeze('gpu'), nvidia=True, pip_installed=True) == (
+      [], None, ['runtime: gpu'])
 
 
 def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path):
