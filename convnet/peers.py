@@ -92,31 +92,47 @@ def torch_model(config):
   return torch.nn.Sequential(*layers)
 
 
+def torch_device(jax_backend: str) -> str:
+  """Where PyTorch trains: on the GPU when JAX trains on one and PyTorch sees it, so the
+  two are timed on the same device; else on every CPU core."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return 'cuda' if jax_backend == 'gpu' and torch.cuda.is_available() else 'cpu'
+
+
 def torch_trainer(config, data, steps: int):
-  """A plain PyTorch loop (eager, NCHW, every core) over steps batches per call (images/s),
-  after one warm-up epoch."""
+  """A plain PyTorch loop (eager, NCHW) over steps batches per call (images/s), after one
+  warm-up epoch, on the device torch_device picks."""
+  import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
-  model = torch_model(config)
+  device = torch_device(jax.default_backend())
+  model = torch_model(config).to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
   x, y = _inputs(data, steps * config.batch_size)
-  x, y = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
+  x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
+  y = torch.from_numpy(y).to(device)
   loss_fn = torch.nn.CrossEntropyLoss()
 
   def epoch():
-    order = torch.randperm(len(y))
+    order = torch.randperm(len(y), device=device)
     for i in range(steps):
       idx = order[i * config.batch_size:(i + 1) * config.batch_size]
       optimizer.zero_grad()
       loss_fn(model(x[idx]), y[idx]).backward()
       optimizer.step()
 
+  def finish():  # A GPU queues the steps: a timing ends when they are done.
+    if device == 'cuda':
+      torch.cuda.synchronize()
+
   model.train()
   epoch()  # Warm-up.
+  finish()
 
   def repeat() -> float:
     start = time.perf_counter()
     epoch()
+    finish()
     return len(y) / (time.perf_counter() - start)
   return repeat
 

@@ -546,7 +546,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  'train_images_per_s': config.num_epochs * steps_per_epoch * config.batch_size
                                        * config.num_seeds / max(train_time, 1e-9),
                  'wall_time_s': earlier_wall_time + time.time() - run_start,
-                 'num_devices': num_devices, 'device_kind': devices[0].device_kind}
+                 'num_devices': num_devices, 'device_kind': devices[0].device_kind,
+                 'kernels': model.ops.backend}
       if 'test_accuracy_per_seed' in test:
         results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
       if writer:

@@ -39,6 +39,7 @@ def test_cli_trains_and_writes_every_output(tmp_path):
               'train_images_per_s', 'num_devices', 'device_kind'):
     assert key in results, key
   assert results['num_devices'] == 2 and results['num_epochs'] == 1
+  assert results['kernels'] == 'cpu'  # What 'auto' picked here.
   assert results['num_params'] == (5 * 5 * 8 + 8) + (14 * 14 * 8 * 128 + 128) + (128 * 10 + 10)
   with open(tmp_path / 'run' / 'config.json') as f:
     saved = json.load(f)
@@ -97,6 +98,7 @@ def test_cli_trains_the_library_ops_two_seeds_on_shifted_images_on_8_devices_and
   assert f'{cpu_devices} x cpu in 1 process(es)' in done.stdout
   with open(tmp_path / 'run' / 'results.json') as f:
     results = json.load(f)
+  assert results['kernels'] == 'xla'
   assert results['num_devices'] == cpu_devices and results['seeds'] == [0, 1]
   assert min(results['test_accuracy_per_seed']) > 0.5  # One epoch on 2,048 images; chance 0.1.
 
