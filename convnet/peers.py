@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from convnet import config_lib, shapes
+from convnet import config_lib, input_pipeline, shapes
 
 
 def _unsupported(config) -> str:
@@ -27,8 +27,11 @@ def _unsupported(config) -> str:
 
 
 def _inputs(data, num_images: int):
-  images = data.train.images[:num_images].astype(np.float32) / 255.0
-  return (images - data.mean) / data.std, data.train.labels[:num_images].astype(np.int64)
+  """The first num_images training images normalised as the trainer does (float32), and
+  their labels."""
+  images = np.array(input_pipeline.normalize(data.train.images[:num_images], data.mean,
+                                              data.std))
+  return images, data.train.labels[:num_images].astype(np.int64)
 
 
 def keras_model(config):
@@ -92,11 +95,10 @@ def torch_model(config):
   return torch.nn.Sequential(*layers)
 
 
-def torch_device(jax_backend: str) -> str:
+def torch_device(jax_backend: str, cuda_available: bool) -> str:
   """Where PyTorch trains: on the GPU when JAX trains on one and PyTorch sees it, so the
   two are timed on the same device; else on every CPU core."""
-  import torch  # pylint: disable=import-outside-toplevel
-  return 'cuda' if jax_backend == 'gpu' and torch.cuda.is_available() else 'cpu'
+  return 'cuda' if jax_backend == 'gpu' and cuda_available else 'cpu'
 
 
 def torch_trainer(config, data, steps: int):
@@ -105,7 +107,7 @@ def torch_trainer(config, data, steps: int):
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
-  device = torch_device(jax.default_backend())
+  device = torch_device(jax.default_backend(), torch.cuda.is_available())
   model = torch_model(config).to(device)
   optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
   x, y = _inputs(data, steps * config.batch_size)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from configs import default
 from conftest import REPO
@@ -106,6 +107,21 @@ def test_peers_skip_a_model_they_do_not_build():
   config.model.norm = ('batch',)
   assert peers.trainers(config, data=None, steps=1) == (
       {}, {name: 'normalisation layers are not built for peers' for name in peers.NAMES})
+
+
+def test_peers_train_on_the_trainers_float32_normalised_images(mnist):
+  """Float64 inputs stopped PyTorch's peer ('Input type (double) and bias type (float)')."""
+  images, labels = peers._inputs(mnist, 16)  # pylint: disable=protected-access
+  assert images.dtype == np.float32 and images.flags.writeable and labels.dtype == np.int64
+  want = (mnist.train.images[:16].astype(np.float64) / 255 - mnist.mean) / mnist.std
+  np.testing.assert_allclose(images, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(labels, mnist.train.labels[:16])
+
+
+@pytest.mark.parametrize('jax_backend,cuda,device', [('gpu', True, 'cuda'), ('gpu', False, 'cpu'),
+                                                     ('cpu', True, 'cpu'), ('tpu', True, 'cpu')])
+def test_pytorch_trains_on_the_gpu_only_when_jax_does(jax_backend, cuda, device):
+  assert peers.torch_device(jax_backend, cuda) == device
 
 
 def test_peak_rss_is_the_benchmark_process_own_not_its_parent():
