@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -118,6 +119,22 @@ def test_pooling_values_and_gradients_match_lax_reduce_window(mnist, ops_, kind,
   got = jax.grad(lambda x: jnp.sum(pool(x) * dy))(x)
   want = jax.grad(lambda x: jnp.sum(reference(x) * dy))(x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('window', [2, 3])
+def test_tiling_max_pool_is_a_reshape_whose_gradient_needs_no_scatter(mnist, window):
+  """The library ops' max pool with window == stride against nn.max_pool, values and
+  gradients (digits plus noise: no ties), on 27x28 maps that leave a partial window."""
+  noise = np.random.default_rng(0).normal(0, 1e-3, (3, 27, 28, 2))
+  x = (np.concatenate([mnist.test.images[:3, :27]] * 2, -1) / 255.0 + noise).astype(np.float32)
+  pool = lambda x: ops.Ops('xla').pool2d(x, kind='max', window=window, stride=window)
+  reference = lambda x: nn.max_pool(x, (window, window), (window, window), 'VALID')
+  np.testing.assert_array_equal(pool(x), reference(x))
+  dy = np.random.default_rng(1).normal(size=reference(x).shape).astype(np.float32)
+  gradient = jax.grad(lambda x: jnp.sum(pool(x) * dy))
+  np.testing.assert_array_equal(gradient(x), jax.grad(lambda x: jnp.sum(reference(x) * dy))(x))
+  backward = str(jax.make_jaxpr(gradient)(x))
+  assert 'select_and_scatter' not in backward and 'reduce_window' not in backward
 
 
 @pytest.mark.parametrize('config_module,image_shape', [
