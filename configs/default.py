@@ -35,6 +35,9 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # a uniform guess's loss (a diverged run); 0 = only on non-finite losses.
   config.divergence_factor = 10.0
   config.progress = True  # A progress bar per epoch, when stderr is a terminal.
+  # Write a jax.profiler trace of at least this many training steps (whole compiled chunks,
+  # after the first compile) to WORKDIR/tensorboard/plugins/profile; 0 = none.
+  config.profile_steps = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'idx'  # 'idx': a directory of MNIST-format files | 'tfds'
@@ -71,6 +74,10 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # (lax.conv, Flax pooling, nn.Dropout) on GPU/TPU | 'cpu' | 'xla'. Same parameters.
   config.model.ops = 'auto'
   config.model.layout = 'NHWC'  # CPU kernels only: 'CHWN' runs the blocks batch-innermost.
+  # What the layers compute in: 'auto' = bfloat16 for the library ops on GPU/TPU, float32
+  # on CPU | 'float32' | 'bfloat16' (library ops only). Parameters, optimizer state,
+  # BatchNorm statistics and the loss stay float32, so checkpoints are the same either way.
+  config.model.dtype = 'auto'
 
   if variant == 'smoke':  # Seconds: the same model on 2,048 training images, 1 epoch.
     config.num_epochs = 1

@@ -80,6 +80,7 @@ SCHEMA = {
     'keep_checkpoints': Key(int, rule=POSITIVE),
     'divergence_factor': Key(float, rule=NON_NEGATIVE),
     'progress': Key(bool),
+    'profile_steps': Key(int, rule=NON_NEGATIVE),
     'data.source': Key(str, choices=('idx', 'tfds')),
     'data.dir': Key(str),
     'data.augment': Key(str, choices=input_pipeline.AUGMENTATIONS),
@@ -94,9 +95,15 @@ SCHEMA = {
     'model.num_classes': Key(int, rule=POSITIVE),
     'model.ops': Key(str, choices=ops.BACKENDS),
     'model.layout': Key(str, choices=ops.LAYOUTS),
+    'model.dtype': Key(str, choices=ops.DTYPES),
     **{f'model.{name}': dataclasses.replace(key, kind=tuple, item=key.kind)
        for name, key in BLOCK_SCHEMA.items()},
 }
+
+
+# Keys added since runs were first written, and the value that reproduces what a run
+# whose config.json lacks the key computed (read by workdir.config_from_dict).
+ABSENT = {'model.dtype': 'float32', 'profile_steps': 0}
 
 
 class ConfigError(ValueError):
@@ -171,6 +178,10 @@ def validate(config, available_devices: int) -> None:
     raise ConfigError(f'checkpoint_every_steps={every}: checkpoints are written where a compiled '
                       f'chunk of steps ends (every log_every_steps={log_every} steps; 0 = whole '
                       f'epochs), so it must be a multiple of log_every_steps > 0')
+  if flat['model.dtype'] == 'bfloat16' and ops.resolve(flat['model.ops']) == 'cpu':
+    raise ConfigError("model.dtype='bfloat16' computes on the library ops, and the CPU kernels "
+                      "that model.ops picks here compute in float32: set model.ops='xla', or "
+                      "model.dtype='auto'")
   if micro and micro < per_device and 'batch' in flat['model.norm']:
     raise ConfigError(f'micro_batch_size={micro} with model.norm=\'batch\': BatchNorm would '
                       f'normalise over slices of {micro}, not the batch; use 0')
@@ -195,7 +206,7 @@ def model_args(model_config) -> dict[str, Any]:
   return dict(blocks=block_settings(model_config), activation=model_config.activation,
               hidden=tuple(model_config.hidden), dropout=model_config.dropout,
               num_classes=model_config.num_classes,
-              ops=ops.make(model_config.ops, model_config.layout))
+              ops=ops.make(model_config.ops, model_config.layout, model_config.dtype))
 
 
 def check_shapes(blocks: Sequence[Mapping[str, Any]], image_shape: Sequence[int]) -> None:

@@ -31,6 +31,9 @@ CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', 0, 'Split the CPU into this many XLA devices (pmap over them), e.g. to '
     'try data parallelism on a laptop; docs/performance.md has what it does to speed. '
     '0 = leave XLA_FLAGS as it is.', lower_bound=0)
+COMPILATION_CACHE = flags.DEFINE_bool(
+    'compilation_cache', True, 'Keep compiled programs in $CONVNET_CACHE (default '
+    '~/.cache/convnet/jax), so a rerun, a resume or a run of the same shapes skips compiling.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -40,6 +43,8 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO.
   if CPU_DEVICES.value:  # Read by XLA when the CPU backend starts: before any jax call.
     parallel.force_cpu_devices(CPU_DEVICES.value)
+  if COMPILATION_CACHE.value:
+    parallel.use_compilation_cache(parallel.compilation_cache_dir())
   cluster = parallel.cluster()
   if COORDINATOR.value:
     parallel.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)

@@ -41,13 +41,15 @@ ACTIVATIONS = {
     'identity': Activation(lambda x: x, True),
 }
 
-# name -> (channel axis, train, pmap axis name) -> a norm layer; 'none' means a bias instead.
+# name -> (channel axis, train, pmap axis name, compute dtype) -> a norm layer; 'none'
+# means a bias instead. Flax keeps their statistics and scales in float32 at any dtype.
 NORMS = {
     'none': None,
-    'batch': lambda axis, train, axis_name: nn.BatchNorm(
+    'batch': lambda axis, train, axis_name, dtype: nn.BatchNorm(
         use_running_average=not train, momentum=0.9, axis=axis,
-        axis_name=axis_name if train else None),
-    'layer': lambda axis, train, axis_name: nn.LayerNorm(reduction_axes=axis, feature_axes=axis),
+        axis_name=axis_name if train else None, dtype=dtype),
+    'layer': lambda axis, train, axis_name, dtype: nn.LayerNorm(
+        reduction_axes=axis, feature_axes=axis, dtype=dtype),
 }
 
 
@@ -100,15 +102,16 @@ class ConvBlock(nn.Module):
     make_norm = NORMS[self.norm]
     if make_norm is None:
       bias = self.param('bias', nn.initializers.zeros, (self.filters,), jnp.float32)
-      return y + self.ops.per_channel(bias)
-    return make_norm(self.ops.channel_axis, train, self.axis_name)(y)
+      return y + self.ops.per_channel(bias).astype(y.dtype)
+    return make_norm(self.ops.channel_axis, train, self.axis_name, self.ops.dtype)(y)
 
 
 class ConvNet(nn.Module):
   """Conv blocks, flatten, dense hidden layers (each after a dropout), dropout, logits.
 
   `blocks` holds one mapping of ConvBlock settings per block (filters, kernel_size,
-  stride, padding, norm, pool, pool_size, pool_stride); images come in as NHWC.
+  stride, padding, norm, pool, pool_size, pool_stride); images come in as NHWC. The
+  layers compute in ops.dtype; the logits come out in float32, for the loss.
   """
   blocks: Sequence[Mapping[str, Any]]
   activation: str = 'relu'
@@ -129,9 +132,9 @@ class ConvNet(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       x = self.ops.Dropout(self.dropout, deterministic=not train)(x)
-      x = ACTIVATIONS[self.activation].fn(nn.Dense(width)(x))
+      x = ACTIVATIONS[self.activation].fn(nn.Dense(width, dtype=self.ops.dtype)(x))
     x = self.ops.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.ops.dtype)(x).astype(jnp.float32)
 
 
 def count_params(params) -> int:

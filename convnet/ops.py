@@ -11,6 +11,11 @@
 
 Both backends hold the same parameters and compute the same function (up to float
 rounding), so a checkpoint trained with one loads and predicts with the other.
+
+The compute dtype is a policy of the backend, as in Flax's ImageNet example: the
+library ops compute in bfloat16 on GPUs and TPUs ('auto'), with parameters, optimizer
+state, BatchNorm statistics, the loss and the softmax in float32 (so checkpoints are the
+same either way); the CPU kernels compute in float32.
 """
 
 import dataclasses
@@ -29,6 +34,7 @@ from convnet.cpu import phases as cpu_phases
 from convnet.cpu import pool as cpu_pool
 
 BACKENDS = ('auto', 'cpu', 'xla')
+DTYPES = ('auto', 'float32', 'bfloat16')
 LAYOUTS = cpu_layout.LAYOUTS
 # Pools with a CPU kernel; any other registered pool runs its own `apply` on both backends.
 CPU_POOLS = {'max': cpu_pool.max_pool, 'avg': cpu_pool.avg_pool}
@@ -40,6 +46,16 @@ def resolve(name: str) -> str:
     raise ValueError(f'ops must be one of {BACKENDS}, got {name!r}')
   if name == 'auto':
     return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
+  return name
+
+
+def compute_dtype(name: str, backend: str) -> str:
+  """'auto' -> 'bfloat16' for the library ops on a GPU or TPU, else 'float32'; a named
+  dtype as it is (config validation keeps bfloat16 off the CPU kernels)."""
+  if name not in DTYPES:
+    raise ValueError(f'dtype must be one of {DTYPES}, got {name!r}')
+  if name == 'auto':
+    return 'bfloat16' if backend == 'xla' and jax.default_backend() != 'cpu' else 'float32'
   return name
 
 
@@ -87,9 +103,11 @@ library_conv.defvjp(_library_conv_fwd, _library_conv_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
-  """A resolved backend ('xla' | 'cpu') and the layout its conv blocks run in."""
+  """A resolved backend ('xla' | 'cpu'), the layout its conv blocks run in and the dtype
+  they compute in."""
   backend: str = 'xla'
   layout: str = 'NHWC'  # 'CHWN' only with the CPU kernels.
+  dtype: str = 'float32'  # 'bfloat16' only with the library ops.
 
   @property
   def channel_axis(self) -> int:
@@ -116,7 +134,8 @@ class Ops:
     if out_size is not None:
       raise ValueError('out_size is a CPU-kernel plan; the library conv computes every output')
     pads = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding)
-    return library_conv(x, kernel, stride, tuple(map(tuple, pads)))
+    return library_conv(x.astype(self.dtype), kernel.astype(self.dtype), stride,
+                        tuple(map(tuple, pads)))
 
   def pool2d(self, x, *, kind: str, window: int, stride: int):
     """Pooling of rows and columns (axes 1 and 2) by the registered pool `kind`."""
@@ -156,7 +175,9 @@ class Ops:
     return cpu_dropout.Dropout if self.backend == 'cpu' else nn.Dropout
 
 
-def make(name: str = 'auto', layout: str = 'NHWC') -> Ops:
-  """The Ops for a config's model.ops and model.layout (the layout of the CPU kernels)."""
+def make(name: str = 'auto', layout: str = 'NHWC', dtype: str = 'auto') -> Ops:
+  """The Ops for a config's model.ops, model.layout (the layout of the CPU kernels) and
+  model.dtype."""
   backend = resolve(name)
-  return Ops(backend=backend, layout=layout if backend == 'cpu' else 'NHWC')
+  return Ops(backend=backend, layout=layout if backend == 'cpu' else 'NHWC',
+             dtype=compute_dtype(dtype, backend))

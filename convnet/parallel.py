@@ -52,6 +52,19 @@ def slurm_array_worker(environ=os.environ) -> tuple[int, int] | None:
           int(environ['SLURM_ARRAY_TASK_ID']) - first)
 
 
+def compilation_cache_dir(environ=os.environ) -> str:
+  """Where compiled programs are kept: $CONVNET_CACHE, else ~/.cache/convnet/jax."""
+  return os.path.expanduser(environ.get('CONVNET_CACHE') or '~/.cache/convnet/jax')
+
+
+def use_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory`: a rerun, a resume or the next
+  sweep point of the same shapes loads its compiled programs instead of compiling them
+  again. Every program is kept (JAX's default keeps those that took over a second)."""
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
 def force_cpu_devices(count: int) -> None:
   """Makes XLA split the CPU into `count` devices; call before jax first touches a device."""
   flag = f'--xla_force_host_platform_device_count={count}'

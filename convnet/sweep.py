@@ -192,6 +192,8 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
+  if COMPILATION_CACHE.value:  # Points of the same shapes share their compiled programs.
+    parallel.use_compilation_cache(parallel.compilation_cache_dir())
   try:
     points = load_sweep(flags.FLAGS['config'].config_filename)
     num_workers, worker_index = NUM_WORKERS.value, WORKER_INDEX.value
@@ -214,5 +216,8 @@ if __name__ == '__main__':
                                      'workers (default: a SLURM array\'s task count, else 1).')
   WORKER_INDEX = flags.DEFINE_integer('worker_index', None, 'Which worker this is, 0-based '
                                       '(default: the SLURM array task\'s index, else 0).')
+  COMPILATION_CACHE = flags.DEFINE_bool(
+      'compilation_cache', True, 'Keep compiled programs in $CONVNET_CACHE (default '
+      '~/.cache/convnet/jax), so points of the same shapes, and reruns, skip compiling.')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -485,6 +485,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       total_steps = config.num_epochs * steps_per_epoch
       step = last_saved = int(state.step[0])
       test, perms, epoch_metrics, epoch_time = None, None, [], 0.0
+      profile = Profile(config.profile_steps if writer else 0,
+                        os.path.join(workdir, 'tensorboard'))
       while step < total_steps:
         epoch = step // steps_per_epoch
         if perms is None or step % steps_per_epoch == 0:
@@ -495,10 +497,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         end = chunk_end(step, steps_per_epoch, config.log_every_steps)
         args = (state, train_images, train_labels, perms, dropout_keys)
         train_chunk = compiled_chunk(end - step, *args)
+        profile.start()  # After the compile: the trace holds steps only.
         chunk_start = time.time()
         state, metrics = train_chunk(*args)
         metrics = jax.device_get(metrics)  # [seeds, steps]. Blocks: one host sync per chunk.
         chunk_time = time.time() - chunk_start
+        profile.ran(end - step, log)
         train_time += chunk_time
         epoch_time += chunk_time
         problem = divergence(metrics['loss'], step, config.divergence_factor,
@@ -534,6 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if stop_requested:
           raise Interrupted(f'{stop_requested[0]} at step {step}: checkpoint saved in '
                             f'{checkpoints.directory}; rerun the same command to resume')
+      profile.stop(log)  # A run shorter than profile_steps.
       mark_started()  # A run resumed from its last checkpoint trains no step.
       if test is None or test['step'] != step:
         test, confusion = run_evaluation()
@@ -563,6 +568,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)  # Last: done.
   log(summary_line(results, workdir), flush=True)
   return results
+
+
+class Profile:
+  """A jax.profiler trace of the first `steps` training steps a process runs, in whole
+  compiled chunks, for TensorBoard's Profile tab (`directory`/plugins/profile)."""
+
+  def __init__(self, steps: int, directory: str):
+    self.left, self.directory, self.traced, self.tracing = steps, directory, 0, False
+
+  def start(self) -> None:
+    """Before a chunk runs: starts the trace if steps are left to trace and none ran yet."""
+    if self.left and not self.traced and not self.tracing:
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+
+  def ran(self, num_steps: int, log) -> None:
+    """After a chunk ran (and was waited for): ends the trace once it holds enough steps."""
+    if self.tracing:
+      self.traced += num_steps
+      self.left = max(self.left - num_steps, 0)
+      if not self.left:
+        self.stop(log)
+
+  def stop(self, log) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+      log(f'profile of {self.traced} training steps in {self.directory}/plugins/profile: '
+          f"TensorBoard's Profile tab", flush=True)
 
 
 def divergence(losses: np.ndarray, step: int, factor: float, num_classes: int) -> str | None:

@@ -22,11 +22,12 @@ from convnet import config_lib
 # Keys that change how often things are written, or where data is read from, but
 # not the numbers a run produces; a resume may change them freely.
 # The kernels (model.ops, model.layout) compute the same function up to float rounding,
-# so a run started on a CPU may resume on a GPU; data.dir may move, as the data's
+# and model.dtype is how precisely (the parameters are float32 either way), so a run
+# started on a CPU may resume on a GPU; data.dir may move, as the data's
 # fingerprint (data.json) guards what is read there.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                     'divergence_factor', 'progress', 'parallel', 'data.dir', 'data.download',
-                     'model.ops', 'model.layout')
+                     'divergence_factor', 'progress', 'profile_steps', 'parallel', 'data.dir',
+                     'data.download', 'model.ops', 'model.layout', 'model.dtype')
 
 
 class ConfigMismatchError(ValueError):
@@ -117,12 +118,21 @@ def read_json(path: str):
 
 
 def config_from_dict(data: dict) -> ml_collections.ConfigDict:
-  """config.json -> ConfigDict, with JSON's lists turned back into tuples."""
+  """config.json -> ConfigDict, with JSON's lists turned back into tuples, and the keys
+  added since it was written (config_lib.ABSENT) as the run computed without them."""
   def tuples(value):
     if isinstance(value, dict):
       return {k: tuples(v) for k, v in value.items()}
     return tuple(value) if isinstance(value, list) else value
-  return ml_collections.ConfigDict(tuples(data))
+  config = ml_collections.ConfigDict(tuples(data))
+  for key, value in config_lib.ABSENT.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if leaf not in node:
+      node[leaf] = value
+  return config
 
 
 def append_jsonl(path: str, record: dict) -> None:

@@ -3,9 +3,13 @@
 import hashlib
 import os
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=2').strip()
+# The commands' compiled programs go to a directory of this session's (inherited by the
+# commands the tests start), not to the user's ~/.cache/convnet/jax.
+os.environ['CONVNET_CACHE'] = tempfile.mkdtemp(prefix='convnet-jax-cache-')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # So `configs` imports as a package from any working directory.
 

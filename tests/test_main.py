@@ -103,6 +103,23 @@ def test_cli_trains_the_library_ops_two_seeds_on_shifted_images_on_8_devices_and
   assert min(results['test_accuracy_per_seed']) > 0.5  # One epoch on 2,048 images; chance 0.1.
 
 
+def test_a_rerun_loads_its_compiled_programs_from_the_cache_unless_told_not_to(tmp_path):
+  def run(name, cache, *flags):
+    done = subprocess.run(main_command(tmp_path / name, '--config.data.num_train=256', *flags),
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'CONVNET_CACHE': str(cache)})
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / name / 'results.json') as f:
+      return json.load(f)['compile_time_s']
+
+  run('uncached', tmp_path / 'unused', '--compilation_cache=false')
+  assert not (tmp_path / 'unused').exists()
+  first = run('first', tmp_path / 'cache')
+  assert len(os.listdir(tmp_path / 'cache')) > 5  # The step, evaluation, init, ...
+  second = run('second', tmp_path / 'cache')
+  assert second < 0.6 * first  # What is left: tracing and lowering, and loading.
+
+
 def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
   cases = [
       (['--config.model.widht=3'], 'widht'),

@@ -44,6 +44,59 @@ def test_auto_picks_the_library_ops_on_accelerators_and_the_cpu_kernels_on_cpu(
     assert 'custom_vjp_call' in forward
 
 
+@pytest.mark.parametrize('platform,ops_name,dtype', [('gpu', 'auto', 'bfloat16'),
+                                                     ('tpu', 'xla', 'bfloat16'),
+                                                     ('cpu', 'xla', 'float32'),
+                                                     ('cpu', 'auto', 'float32')])
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu(monkeypatch, platform,
+                                                                   ops_name, dtype):
+  monkeypatch.setattr(jax, 'default_backend', lambda: platform)
+  assert ops.make(ops_name, dtype='auto').dtype == dtype
+
+
+def test_bfloat16_reaches_xla_as_bfloat16_convolutions_with_float32_state(smoke_config, mnist):
+  """The training chunk as XLA receives it: every convolution and matmul (forward and
+  backward) in bfloat16; parameters, optimizer state, BatchNorm statistics and the
+  loss in float32 after a step. (XLA's CPU compiler then computes bfloat16 convolutions in
+  float32; a GPU or TPU keeps them, which the device check asserts there.)"""
+  config = smoke_config
+  config.model.ops, config.model.dtype, config.model.norm = 'xla', 'bfloat16', ('batch',)
+  config.model.num_blocks, config.model.filters = 2, (4, 8)
+  config_lib.validate(config, 1)
+  devices = jax.local_devices()[:1]
+  _, _, state, data_keys, dropout_keys = train.init_run(config, (28, 28, 1), 4)
+  chunk = train.parallel_train_chunk(2, 4, 32, mnist.mean, mnist.std, devices)
+  args = (state, *(parallel.replicate(x[:128], devices) for x in mnist.train),
+          train.epoch_permutations(data_keys, 0, 128), dropout_keys)
+  lowered = chunk.lower(*args)
+  program = lowered.as_text().splitlines()
+  convolutions = [line for line in program if 'stablehlo.convolution' in line]
+  assert len(convolutions) == 5  # 2 forward, 2 kernel gradients, 1 input gradient.
+  matmuls = [line for line in program if 'stablehlo.dot_general' in line]
+  assert len(matmuls) == 6  # The two dense layers, forward and backward.
+  assert all(line.rstrip().endswith('xbf16>') for line in convolutions + matmuls)
+  compiled = lowered.compile()
+  if jax.default_backend() != 'cpu':
+    outputs = [line.split(' convolution(')[0].split('=')[-1].strip()
+               for line in compiled.as_text().splitlines() if ' convolution(' in line]
+    assert outputs and all(out.startswith('bf16[') for out in outputs), outputs
+  state, metrics = compiled(*args)
+  dtypes = {x.dtype for x in jax.tree_util.tree_leaves(
+      (state.params, state.opt_state, state.batch_stats, metrics['loss']))
+            if jnp.issubdtype(x.dtype, jnp.floating)}  # Not Adam's step count.
+  assert dtypes == {jnp.dtype('float32')}
+  assert np.all(np.isfinite(metrics['loss']))
+
+
+def test_bfloat16_on_the_cpu_kernels_is_a_config_error_saying_what_to_do(smoke_config):
+  smoke_config.model.dtype = 'bfloat16'  # model.ops='auto': the CPU kernels here.
+  with pytest.raises(config_lib.ConfigError, match=r"model.dtype='bfloat16' computes on the "
+                                                   r"library ops.*set model.ops='xla'"):
+    config_lib.validate(smoke_config, 2)
+  smoke_config.model.ops = 'xla'
+  config_lib.validate(smoke_config, 2)
+
+
 def test_an_unknown_backend_is_a_config_error_naming_the_key(smoke_config):
   smoke_config.model.ops = 'gpu'
   with pytest.raises(config_lib.ConfigError, match=r"model.ops must be one of \('auto', "):
