@@ -9,6 +9,7 @@ and SCHEDULES) when validating, so an entry added there is a valid choice here.
 """
 
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -273,5 +274,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     sys.exit(f'error: {e}')
   except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown key.
-    key = str(e).strip('"\'')
-    sys.exit(f'error: unknown config key {key!r}; see configs/default.py for every key')
+    sys.exit(f'error: {unknown_override(argv) or e}')
+
+
+def unknown_override(argv: Sequence[str]) -> str | None:
+  """What is wrong with the first --config.KEY=VALUE whose KEY is no config key, in a line
+  with the closest key; None if every override names one."""
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=')[0]
+      if key not in SCHEMA:
+        close = difflib.get_close_matches(key, SCHEMA, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        return (f"unknown config key '{key}' in {arg}{hint} (configs/default.py lists every "
+                f'key)')
+  return None

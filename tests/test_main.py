@@ -122,7 +122,11 @@ def test_a_rerun_loads_its_compiled_programs_from_the_cache_unless_told_not_to(t
 
 def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
   cases = [
-      (['--config.model.widht=3'], 'widht'),
+      (['--config.model.widht=3'], "error: unknown config key 'model.widht' in "
+                                   "--config.model.widht=3 (configs/default.py lists every "
+                                   "key)\n"),
+      (['--config.model.filter=3'], "unknown config key 'model.filter' in "
+                                    "--config.model.filter=3; did you mean 'model.filters'?"),
       (['--config.batch_size=abc'], 'batch_size'),
       (['--config.model.kernel_size=30'], 'model.kernel_size'),
       (['--config.data.dir=/no/such/mnist'], '/no/such/mnist'),

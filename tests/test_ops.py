@@ -71,7 +71,9 @@ def test_bfloat16_reaches_xla_as_bfloat16_convolutions_with_float32_state(smoke_
   lowered = chunk.lower(*args)
   program = lowered.as_text().splitlines()
   convolutions = [line for line in program if 'stablehlo.convolution' in line]
-  assert len(convolutions) == 5  # 2 forward, 2 kernel gradients, 1 input gradient.
+  # 2 forward, 2 kernel gradients, the second block's input gradient (and, with jax 0.6,
+  # the first block's, which nothing reads: XLA drops it).
+  assert len(convolutions) in (5, 6)
   matmuls = [line for line in program if 'stablehlo.dot_general' in line]
   assert len(matmuls) == 6  # The two dense layers, forward and backward.
   assert all(line.rstrip().endswith('xbf16>') for line in convolutions + matmuls)
