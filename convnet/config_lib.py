@@ -284,8 +284,11 @@ def unknown_override(argv: Sequence[str]) -> str | None:
     if arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=')[0]
       if key not in SCHEMA:
-        close = difflib.get_close_matches(key, SCHEMA, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ''
+        parent, _, leaf = key.rpartition('.')
+        siblings = {name.rpartition('.')[2]: name for name in SCHEMA
+                    if name.rpartition('.')[0] == parent}
+        close = difflib.get_close_matches(leaf, siblings, n=1)
+        hint = f"; did you mean '{siblings[close[0]]}'?" if close else ''
         return (f"unknown config key '{key}' in {arg}{hint} (configs/default.py lists every "
                 f'key)')
   return None
