@@ -71,8 +71,9 @@ class MetricWriter:
       return
     if self.bar is not None:
       self.bar.write(text)
-    else:
-      print(text, flush=True)
+    else:  # One write: lines of points training at once (sweep threads) stay whole.
+      sys.stdout.write(text + '\n')
+      sys.stdout.flush()
 
   def end_epoch(self) -> None:
     if self.bar is not None:

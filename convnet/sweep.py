@@ -19,11 +19,13 @@ rerunning the command finishes a sweep. Worker K of N runs points K, K+N, K+2N, 
 (Slurm arrays, several Colab sessions) can split a sweep over a shared filesystem.
 """
 
+import concurrent.futures
 import importlib.util
 import itertools
 import os
+import queue
 import sys
-import time
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -154,13 +156,31 @@ def worker_share(num_points: int, num_workers: int, worker_index: int) -> list[i
   return list(range(worker_index, num_points, num_workers))
 
 
+def default_points_at_once() -> int:
+  """One point per device on GPUs and TPUs, where one small model leaves a device mostly
+  idle; one at a time, data-parallel over every device, on a CPU, whose cores the
+  devices share (docs/performance.md has both measured)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return 1 if jax.default_backend() == 'cpu' else jax.local_device_count()
+
+
 def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
-        worker_index: int = 0) -> list[dict]:
+        worker_index: int = 0, points_at_once: int | None = None) -> list[dict]:
   """Trains this worker's unfinished points; returns the table of everything on disk.
 
+  points_at_once > 1 trains that many points at once, each on one device (num_devices=1,
+  so each equals that point trained alone on one device), round-robin over the local
+  devices: several per device when there are more points at once than devices. 1 trains
+  one point at a time on the devices the config asks for. Default: default_points_at_once.
   The table rows are plain dicts (see report.collect), so a notebook needs no pandas.
   """
   import jax  # pylint: disable=import-outside-toplevel
+  points_at_once = points_at_once or default_points_at_once()
+  slots = [None]  # The devices a point trains on: the config's own.
+  if points_at_once > 1:
+    base = base.copy_and_resolve_references()
+    base.num_devices, base.progress = 1, False  # One bar per point would garble the output.
+    slots = [[jax.local_devices()[i % jax.local_device_count()]] for i in range(points_at_once)]
   expanded = expand(base, points, jax.local_device_count())
   share = worker_share(len(expanded), num_workers, worker_index)
   check_points(expanded, sweep_dir)
@@ -172,20 +192,47 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
                         for (name, _), overrides in zip(expanded, points)])
     todo = [i for i in share if not os.path.exists(
         os.path.join(sweep_dir, expanded[i][0], 'results.json'))]
+    at_once = (f'{points_at_once} at once, each on one device of {jax.local_device_count()}'
+               if points_at_once > 1 else 'one at a time')
     print(f'sweep {sweep_dir}: {len(expanded)} points, {len(share)} for worker {worker_index} of '
-          f'{num_workers}, {len(share) - len(todo)} already done', flush=True)
-    start = time.time()
-    for done, i in enumerate(todo):
-      name, config = expanded[i]
-      eta = ''
-      if done:
-        eta = f', ETA {(time.time() - start) / done * (len(todo) - done) / 60:.1f} min'
-      print(f'== point {i + 1} of {len(expanded)} ({done + 1}/{len(todo)} to run{eta}): {name}',
-            flush=True)
-      train.train_and_evaluate(config, os.path.join(sweep_dir, name))
+          f'{num_workers}, {len(share) - len(todo)} already done; {at_once}', flush=True)
+    train_points([(i, len(expanded), *expanded[i]) for i in todo], sweep_dir, slots)
   rows = report.collect(sweep_dir)
   report.write(sweep_dir, rows)
   return rows
+
+
+def train_points(todo: list[tuple[int, int, str, object]], sweep_dir: str, slots: list) -> None:
+  """Trains the (index, count, name, config) points in threads, one per slot (the devices a
+  point trains on, or None for its config's own) at a time. After a point fails, no new
+  one starts, and the first error is raised once the running ones end; SIGTERM/SIGINT
+  stops every running point at its next checkpoint (train.Interrupted)."""
+  free = queue.Queue()
+  for slot in slots:
+    free.put(slot)
+  failed = threading.Event()
+
+  def train_point(index, count, name, config):
+    if failed.is_set():
+      return
+    devices = free.get()
+    try:
+      where = f' on {devices[0]}' if devices else ''
+      train.print_line(f'== point {index + 1} of {count}{where}: {name}')
+      train.train_and_evaluate(config, os.path.join(sweep_dir, name), devices=devices,
+                               stop_requested=stop_requested)
+    except BaseException:
+      failed.set()
+      raise
+    finally:
+      free.put(devices)
+
+  with train.stop_requests() as stop_requested, \
+       concurrent.futures.ThreadPoolExecutor(len(slots)) as pool:
+    futures = [pool.submit(train_point, *point) for point in todo]
+  errors = [f.exception() for f in futures if f.exception() is not None]
+  if errors:
+    raise next((e for e in errors if not isinstance(e, train.Interrupted)), errors[0])
 
 
 def main(argv):
@@ -199,7 +246,8 @@ def main(argv):
     num_workers, worker_index = NUM_WORKERS.value, WORKER_INDEX.value
     if num_workers is None and worker_index is None:  # A SLURM array task says which.
       num_workers, worker_index = parallel.slurm_array_worker() or (1, 0)
-    rows = run(CONFIG.value, points, WORKDIR.value, num_workers or 1, worker_index or 0)
+    rows = run(CONFIG.value, points, WORKDIR.value, num_workers or 1, worker_index or 0,
+               POINTS_AT_ONCE.value)
   except train.Interrupted as e:
     print(f'stopped: {e}', file=sys.stderr)
     sys.exit(train.EXIT_INTERRUPTED)
@@ -216,6 +264,10 @@ if __name__ == '__main__':
                                      'workers (default: a SLURM array\'s task count, else 1).')
   WORKER_INDEX = flags.DEFINE_integer('worker_index', None, 'Which worker this is, 0-based '
                                       '(default: the SLURM array task\'s index, else 0).')
+  POINTS_AT_ONCE = flags.DEFINE_integer(
+      'points_at_once', None, 'Train this many points at once, each on one device '
+      '(num_devices=1), round-robin over the devices. Default: one per device on GPU and '
+      'TPU, 1 on CPU (one at a time, on the devices the config asks for).', lower_bound=1)
   COMPILATION_CACHE = flags.DEFINE_bool(
       'compilation_cache', True, 'Keep compiled programs in $CONVNET_CACHE (default '
       '~/.cache/convnet/jax), so points of the same shapes, and reruns, skip compiling.')

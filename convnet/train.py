@@ -9,6 +9,7 @@ compiled `lax.scan`, so there is no host round trip per step.
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, NamedTuple
@@ -270,6 +271,14 @@ def seed_summary(record: dict, name: str, per_seed) -> dict:
   return record
 
 
+def print_line(text: str, flush: bool = True) -> None:
+  """One line to stdout in one write: lines of points training at once (a sweep's
+  threads) never run into each other, as print's separate newline lets them."""
+  sys.stdout.write(text + '\n')
+  if flush:
+    sys.stdout.flush()
+
+
 class Interrupted(Exception):
   """SIGTERM or SIGINT arrived; a checkpoint was saved and rerunning resumes."""
 
@@ -286,14 +295,16 @@ USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError, workdir_lib.Con
 
 
 @contextlib.contextmanager
-def stop_requests():
+def stop_requests(shared: list | None = None):
   """Turns SIGTERM/SIGINT into a request (a list that gets the signal's name).
 
   The loop checks it between chunks, saves and stops. A second signal acts as usual.
-  Outside the main thread (where Python cannot install handlers) nothing changes.
+  Outside the main thread (where Python cannot install handlers) nothing changes. A
+  `shared` list, one the caller's own stop_requests() fills (a sweep training points in
+  threads), is used as it is.
   """
-  requested = []
-  if threading.current_thread() is not threading.main_thread():
+  requested = [] if shared is None else shared
+  if shared is not None or threading.current_thread() is not threading.main_thread():
     yield requested
     return
   previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -384,20 +395,29 @@ def check_data(config, data: input_pipeline.Dataset) -> int:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_change: bool = False) -> dict:
+                       allow_config_change: bool = False, devices: list | None = None,
+                       stop_requested: list | None = None) -> dict:
   """Trains and evaluates the model the config describes; writes everything to workdir.
 
   Returns the contents of results.json. Every check (config, data, shapes,
   workdir) happens before anything is compiled or written. A workdir holding an
-  unfinished run of the same config resumes from its latest checkpoint.
+  unfinished run of the same config resumes from its latest checkpoint. `devices`
+  (config.num_devices of them; default: the first ones) and `stop_requested` (see
+  stop_requests) let a sweep train several points at once, each on its own devices.
   """
   run_start = time.time()
   validate(config)
   if jax.default_backend() == 'cpu':
     memory.keep_freed_memory()
-  devices, local_devices = parallel.participating_devices(config.num_devices)
+  if devices is None:
+    devices, local_devices = parallel.participating_devices(config.num_devices)
+  elif len(devices) != config.num_devices or jax.process_count() > 1:
+    raise ValueError(f'{len(devices)} devices given for num_devices={config.num_devices}; '
+                     f'devices are given in one process only')
+  else:
+    local_devices = devices = list(devices)
   num_devices, writer = len(devices), parallel.is_writer()
-  log = print if writer else lambda *args, **kwargs: None
+  log = print_line if writer else lambda *args, **kwargs: None
   data = load_data(config)
   steps_per_epoch = check_data(config, data)
   image_shape = data.train.images.shape[1:]
@@ -413,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
     train_time, earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
     with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
-         stop_requests() as stop_requested, \
+         stop_requests(stop_requested) as stop_requested, \
          contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out:
       restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
       if restored:

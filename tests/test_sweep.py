@@ -1,6 +1,7 @@
 """Sweeps: expansion, bad overrides, resuming after a kill, worker shares, the report."""
 
 import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, fingerprint
-from convnet import config_lib, report, sweep, workdir
+from convnet import config_lib, report, sweep, train, workdir
 
 
 def test_product_and_zipped_give_the_right_points_and_names():
@@ -123,6 +124,34 @@ def test_a_killed_sweep_reruns_only_the_missing_points_and_reports_them(tmp_path
                         text=True, timeout=300, env=slurm)
   assert task.returncode == 0, task.stderr
   assert '2 points, 1 for worker 1 of 2, 1 already done' in task.stdout
+
+
+def test_points_at_once_each_train_on_a_device_of_their_own_as_they_would_alone(tmp_path):
+  """4 points (2 seeds each) at once on 4 fake devices: each point on its own device, and
+  its results those of the point trained alone on one device (num_devices=1)."""
+  experiment = tmp_path / 'four.py'
+  experiment.write_text(EXPERIMENT.replace("kernel_size', [3]", "kernel_size', [3, 5]"))
+  done = subprocess.run(sweep_command(experiment, tmp_path / 'sweep', '--points_at_once=4'),
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env={**os.environ,
+                             'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert done.returncode == 0, done.stderr
+  assert '4 points, 4 for worker 0 of 1, 0 already done; 4 at once, each on one device of 4' in (
+      done.stdout)
+  starts = [line for line in done.stdout.splitlines() if line.startswith('== point ')]
+  assert len(starts) == 4 and len({line.split(' on ')[1].split(': ')[0] for line in starts}) == 4
+  spec = importlib.util.spec_from_file_location('four', experiment)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for overrides in module.get_sweep()[::3]:
+    name = sweep.point_name(overrides)
+    config = sweep.apply_overrides(module.get_config(), overrides)
+    config.num_devices = 1
+    alone = train.train_and_evaluate(config, str(tmp_path / 'alone' / name))
+    together = workdir.read_json(tmp_path / 'sweep' / name / 'results.json')
+    assert together['num_devices'] == alone['num_devices'] == 1
+    for key in ('test_accuracy_per_seed', 'test_loss_per_seed'):
+      np.testing.assert_allclose(together[key], alone[key], rtol=1e-6, err_msg=name)
 
 
 def test_every_point_is_checked_before_the_first_trains(smoke_config, tmp_path):
