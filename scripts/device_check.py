@@ -13,7 +13,9 @@ step's output in OUTDIR/STEP.log. The steps:
   benchmark_*       convnet.benchmark's images/s for default and keras_convnet (PyTorch
                     on the same device when importable)
   time_to_accuracy  convnet.benchmark --mode=time_to_accuracy with configs/fast.py
-  sweep             experiments/filters_kernel.py (20 points, one epoch each), wall time
+  sweep             experiments/filters_kernel.py (20 points, one epoch each), wall time,
+                    with the sweep's default points at once (one per device)
+  sweep_4_at_once   the same with 4 points at once (several per device on one GPU)
 
 It needs no network: it runs on the machine's own jax, flax, optax, orbax-checkpoint and
 chex, and installs the rest of what convnet imports, where missing, from the wheels in
@@ -98,14 +100,28 @@ def benchmark_figures(name: str) -> Callable[[str], dict]:
   return figures
 
 
-def sweep_figures(out: str) -> dict:
-  points = [read_json(path) for path in glob.glob(os.path.join(out, 'sweep', '*',
-                                                               'results.json'))]
-  if not points:
-    raise ValueError('no point finished')
-  return {'points': len(points), 'best_test_accuracy': max(p['test_accuracy'] for p in points),
-          'train_s': sum(p['train_time_s'] for p in points),
-          'compile_s': sum(p['compile_time_s'] for p in points)}
+def sweep_figures(name: str) -> Callable[[str], dict]:
+  def figures(out: str) -> dict:
+    points = [read_json(path) for path in glob.glob(os.path.join(out, name, '*',
+                                                                 'results.json'))]
+    if not points:
+      raise ValueError('no point finished')
+    return {'points': len(points),
+            'best_test_accuracy': max(p['test_accuracy'] for p in points),
+            'train_s': sum(p['train_time_s'] for p in points),
+            'compile_s': sum(p['compile_time_s'] for p in points)}
+  return figures
+
+
+def sweep_step(name: str, points_at_once: int, share: float) -> Step:
+  """The filters x kernel sweep, one epoch a point (smoke: 1 point on 512 images)."""
+  return Step(
+      lambda out, smoke: [
+          PYTHON, '-m', 'convnet.sweep', '--config', 'experiments/filters_kernel.py',
+          '--workdir', os.path.join(out, name), '--config.num_epochs=1',
+          *([f'--points_at_once={points_at_once}'] if points_at_once else []),
+          *([*SMOKE_DATA, '--num_workers=20', '--worker_index=0'] if smoke else [])],
+      sweep_figures(name), share)
 
 
 PYTHON = sys.executable
@@ -119,34 +135,29 @@ STEPS = {
                             *(['-k', 'auto_picks or vmapped'] if smoke else [
                                 'tests/test_models.py', 'tests/test_train.py::test_what_auto_runs_on_a_gpu_'
                                 'trains_seeds_batchnorm_and_shifted_images[1]'])],
-        test_figures, 0.3, (('JAX_DEFAULT_MATMUL_PRECISION', 'highest'),)),
+        test_figures, 0.25, (('JAX_DEFAULT_MATMUL_PRECISION', 'highest'),)),
     'train_default': Step(
         lambda out, smoke: [PYTHON, '-m', 'convnet.main', '--config',
                             'configs/default.py' + (':smoke' if smoke else ''),
                             '--workdir', os.path.join(out, 'default'),
                             *(SMOKE_DATA if smoke else [])],
-        train_figures, 0.2),
+        train_figures, 0.15),
     **{f'benchmark_{name}': Step(
         lambda out, smoke, name=name: [
             PYTHON, '-m', 'convnet.benchmark', '--config', f'configs/{name}.py',
             '--json', os.path.join(out, f'benchmark_{name}.json'),
             *(['--steps=2', '--repeats=1', '--peers=false', *SMOKE_DATA] if smoke
               else ['--repeats=5'])],
-        benchmark_figures(name), 0.15) for name in ('default', 'keras_convnet')},
+        benchmark_figures(name), 0.12) for name in ('default', 'keras_convnet')},
     'time_to_accuracy': Step(
         lambda out, smoke: [PYTHON, '-m', 'convnet.benchmark', '--mode=time_to_accuracy',
                             '--config', 'configs/fast.py',
                             '--json', os.path.join(out, 'time_to_accuracy.json'),
                             *(['--config.num_epochs=1', '--target=0.2', *SMOKE_DATA]
                               if smoke else [])],
-        lambda out: read_json(os.path.join(out, 'time_to_accuracy.json')), 0.2),
-    'sweep': Step(
-        lambda out, smoke: [PYTHON, '-m', 'convnet.sweep', '--config',
-                            'experiments/filters_kernel.py', '--workdir',
-                            os.path.join(out, 'sweep'), '--config.num_epochs=1',
-                            *([*SMOKE_DATA, '--num_workers=10', '--worker_index=0']
-                              if smoke else [])],
-        sweep_figures, 0.35),
+        lambda out: read_json(os.path.join(out, 'time_to_accuracy.json')), 0.12),
+    'sweep': sweep_step('sweep', 0, 0.25),
+    'sweep_4_at_once': sweep_step('sweep_4_at_once', 4, 0.2),
 }
 
 
@@ -156,9 +167,11 @@ def run_step(name: str, step: Step, out: str, smoke: bool, timeout: float) -> di
   start = time.time()
   try:
     with open(log_path, 'w', encoding='utf-8') as log:
+      # A compilation cache of the step's own: no compile time is another step's cache hit.
+      env = {**os.environ, 'CONVNET_CACHE': os.path.join(out, 'jax_cache', name),
+             **dict(step.env)}
       returncode = subprocess.run(step.command(out, smoke), cwd=REPO, stdout=log,
-                                  stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, **dict(step.env)}).returncode
+                                  stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
   except subprocess.TimeoutExpired:
     returncode = f'timed out after {timeout:.0f} s'
   except OSError as e:
@@ -232,13 +245,13 @@ def main(argv=None) -> int:
   parser.add_argument('outdir', help='a new or empty directory for the report and logs')
   parser.add_argument('--smoke', action='store_true', help='every step tiny (CPU: ~2 min)')
   parser.add_argument('--budget_s', type=float, default=None,
-                      help='time for all steps (default: 450, smoke 240); each step may take '
+                      help='time for all steps (default: 460, smoke 240); each step may take '
                            'its share of it, at most what is left, before it is stopped')
   args = parser.parse_args(argv)
   out = os.path.abspath(args.outdir)
   if os.path.exists(out) and os.listdir(out):
     sys.exit(f'error: {out} is not empty: the device check writes into a new directory')
-  budget = args.budget_s or (240 if args.smoke else 450)
+  budget = args.budget_s or (240 if args.smoke else 460)
   installed = install_missing()
   os.makedirs(out, exist_ok=True)
   start = time.time()
