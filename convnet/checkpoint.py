@@ -1,4 +1,12 @@
-"""Orbax checkpoints of the train state: saved synchronously, restored with checks.
+"""Orbax checkpoints of the train state: written in the background, restored with checks.
+
+`save` hands a host copy of the state to a writer thread and returns: the thread has
+orbax write it, then writes the SHA-256 sums of its files, so the training loop waits
+for neither. The next `save`, and `finish`, wait for the one before and raise its
+failure (e.g. a full disk), which leaves the checkpoints before it intact. One thread
+writes for the whole process: orbax's own asynchronous saves coordinate through
+process-wide signals, and two of them at once (sweep points training in threads) wait
+on each other's signals until they time out.
 
 A restore never silently returns something else: the restored tree must have the
 structure, shapes and dtypes of the state it replaces, and its files the SHA-256
@@ -9,6 +17,7 @@ checkpoints.damaged/ (left in place when read-only, as for predict and visualize
 if none restores, `CheckpointError` names the directory and nothing is moved.
 """
 
+import concurrent.futures
 import hashlib
 import itertools
 import json
@@ -41,7 +50,17 @@ class CheckpointError(RuntimeError):
   """No usable checkpoint where one was expected; the message names the path."""
 
 
-def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+class Manager(ocp.CheckpointManager):
+  """orbax's manager, and the save being finished in the background (see `save`)."""
+  pending: tuple[int, concurrent.futures.Future] | None = None
+
+  def close(self):
+    if self.pending is not None:  # A failure was raised by `finish`, or is moot in a crash.
+      concurrent.futures.wait([self.pending[1]])
+    super().close()
+
+
+def manager(workdir: str, keep: int, read_only: bool = False) -> Manager:
   """Keeps the last `keep` checkpoints under workdir/checkpoints, one directory per step.
 
   Orbax writes each step to a temporary directory and renames it when complete, so a
@@ -58,11 +77,11 @@ def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointM
       # Read-only managers keep and save nothing (said so, else orbax warns it changed them).
       max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
       create=False, read_only=read_only,
-      enable_async_checkpointing=False,
+      enable_async_checkpointing=False,  # Asynchronous through our writer thread.
       # Every process restores on its own; only process 0 saves (host numpy arrays).
       multiprocessing_options=ocp.options.MultiprocessingOptions(
           primary_host=process, active_processes={process}))
-  return ocp.CheckpointManager(directory, options=options)
+  return Manager(directory, options=options)
 
 
 def file_sums(path: str) -> dict[str, str]:
@@ -102,20 +121,44 @@ def verify(path: str) -> str | None:
       return f'{name} is not the file that was saved (its SHA-256 differs)'
   return None
 
-def save(checkpoints: ocp.CheckpointManager, step: int, tree) -> None:
-  """Writes the checkpoint for `step`; a failure (e.g. a full disk) leaves the older ones."""
+
+def save(checkpoints: Manager, step: int, tree) -> None:
+  """Starts writing the checkpoint for `step` from `tree` (host arrays, which must not
+  change afterwards) and returns; first waits for the one before (see `finish`)."""
+  finish(checkpoints)
+  checkpoints.pending = (step, _WRITER.submit(_write, checkpoints, step, tree))
+
+
+def finish(checkpoints: Manager) -> None:
+  """Waits until the checkpoint being written, and its sums, are on disk; raises
+  CheckpointError if that failed (the checkpoints before it are intact)."""
+  if checkpoints.pending is None:
+    return
+  (step, done), checkpoints.pending = checkpoints.pending, None
   try:
-    checkpoints.save(step, args=ocp.args.StandardSave(tree), force=True)
-    checkpoints.wait_until_finished()
-    path = os.path.join(str(checkpoints.directory), str(step))
-    sums = file_sums(path)
-    with open(os.path.join(path, SUMS + '.tmp'), 'w') as f:
-      json.dump(sums, f, indent=1)
-    os.replace(os.path.join(path, SUMS + '.tmp'), os.path.join(path, SUMS))
+    done.result()
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'could not write the checkpoint of step {step} in '
-                          f'{checkpoints.directory}: {str(e).splitlines()[0][:300]}; the '
-                          f'checkpoints before it are intact: {checkpoints.all_steps()}') from e
+    raise _not_written(checkpoints, step, e) from e
+
+
+# Writes every checkpoint of the process, one at a time, off the training threads.
+_WRITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='checkpoint-writer')
+
+
+def _write(checkpoints: Manager, step: int, tree) -> None:
+  checkpoints.save(step, args=ocp.args.StandardSave(tree), force=True)
+  path = os.path.join(str(checkpoints.directory), str(step))
+  sums = file_sums(path)
+  with open(os.path.join(path, SUMS + '.tmp'), 'w') as f:
+    json.dump(sums, f, indent=1)
+  os.replace(os.path.join(path, SUMS + '.tmp'), os.path.join(path, SUMS))
+
+
+def _not_written(checkpoints: Manager, step: int, e: Exception) -> CheckpointError:
+  return CheckpointError(f'could not write the checkpoint of step {step} in '
+                         f'{checkpoints.directory}: {str(e).splitlines()[0][:300]}; the '
+                         f'checkpoints before it are intact: '
+                         f'{[s for s in checkpoints.all_steps() if s < step]}')
 
 
 def _describe(tree) -> list[tuple[str, tuple, str]]:

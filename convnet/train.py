@@ -528,6 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         problem = divergence(metrics['loss'], step, config.divergence_factor,
                              config.model.num_classes)
         if problem:
+          checkpoint.finish(checkpoints)  # The advice names the last checkpoint: it is whole.
           raise FloatingPointError(f'{problem} (epoch {epoch + 1}); ' + divergence_advice(
               last_saved, started=records is None, learning_rate=config.learning_rate))
         epoch_metrics.append(metrics)
@@ -556,9 +557,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             (config.checkpoint_every_steps and step - last_saved >= config.checkpoint_every_steps)):
           last_saved = save()
         if stop_requested:
+          checkpoint.finish(checkpoints)
           raise Interrupted(f'{stop_requested[0]} at step {step}: checkpoint saved in '
                             f'{checkpoints.directory}; rerun the same command to resume')
       profile.stop(log)  # A run shorter than profile_steps.
+      checkpoint.finish(checkpoints)  # The last checkpoint is on disk before results.json.
       mark_started()  # A run resumed from its last checkpoint trains no step.
       if test is None or test['step'] != step:
         test, confusion = run_evaluation()

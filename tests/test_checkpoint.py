@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -322,6 +323,27 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert 'checkpoint at step 16' in done.stdout
+
+
+def test_save_returns_before_the_write_and_finish_waits_for_the_files_and_sums(tmp_path,
+                                                                                 monkeypatch):
+  """The training thread hands the state over and goes on; the writer thread writes it and
+  its sums (held up here until released); finish waits for both; the state restores."""
+  release, original_sums = threading.Event(), checkpoint.file_sums
+  monkeypatch.setattr(checkpoint, 'file_sums',
+                      lambda path: release.wait(60) and original_sums(path))
+  tree = {'w': np.arange(12, dtype=np.float32).reshape(3, 4), 'step': np.int32(7)}
+  step_dir = tmp_path / 'checkpoints' / '7'
+  with checkpoint.manager(str(tmp_path), keep=2) as checkpoints:
+    checkpoint.save(checkpoints, 7, tree)
+    assert not (step_dir / checkpoint.SUMS).exists()  # save returned with the write pending.
+    release.set()
+    checkpoint.finish(checkpoints)
+    assert json.loads((step_dir / checkpoint.SUMS).read_text()) == original_sums(str(step_dir))
+  with checkpoint.manager(str(tmp_path), keep=2, read_only=True) as checkpoints:
+    restored, step = checkpoint.restore_latest(checkpoints, tree, read_only=True)
+  assert step == 7
+  np.testing.assert_array_equal(restored['w'], tree['w'])
 
 
 def test_non_finite_loss_stops_at_its_step_and_its_advice_works(smoke_config, tmp_path,
