@@ -86,9 +86,9 @@ def markdown_table(rows: list[dict]) -> str:
                    'FLOPs/image (train)', 'train images/s', 'wall time s', 'status']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows:
-    accuracy = ('' if row['test_accuracy'] is None else
-                f'{_cell("test_accuracy", row["test_accuracy"])} ± '
-                f'{_cell("test_accuracy_std", row["test_accuracy_std"])}')
+    accuracy = _cell('test_accuracy', row['test_accuracy'])
+    if row['test_accuracy'] is not None and row['num_seeds'] > 1:  # One seed: no spread.
+      accuracy += f' ± {_cell("test_accuracy_std", row["test_accuracy_std"])}'
     cells = ([_cell(k, row[k]) for k in keys] + [accuracy] +
              [_cell(k, row[k]) for k in COLUMNS[2:]])
     lines.append('| ' + ' | '.join(cells) + ' |')

@@ -158,10 +158,10 @@ def worker_share(num_points: int, num_workers: int, worker_index: int) -> list[i
 
 def default_points_at_once() -> int:
   """One point per device on GPUs and TPUs, where one small model leaves a device mostly
-  idle; one at a time, data-parallel over every device, on a CPU, whose cores the
-  devices share (docs/performance.md has both measured)."""
+  idle; two on a CPU, where one trains while the other compiles, evaluates or writes
+  (docs/performance.md has it measured)."""
   import jax  # pylint: disable=import-outside-toplevel
-  return 1 if jax.default_backend() == 'cpu' else jax.local_device_count()
+  return 2 if jax.default_backend() == 'cpu' else jax.local_device_count()
 
 
 def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
@@ -266,8 +266,9 @@ if __name__ == '__main__':
                                       '(default: the SLURM array task\'s index, else 0).')
   POINTS_AT_ONCE = flags.DEFINE_integer(
       'points_at_once', None, 'Train this many points at once, each on one device '
-      '(num_devices=1), round-robin over the devices. Default: one per device on GPU and '
-      'TPU, 1 on CPU (one at a time, on the devices the config asks for).', lower_bound=1)
+      '(num_devices=1), round-robin over the devices; 1 = one at a time, on the devices '
+      'the config asks for. Default: one per device on GPU and TPU, 2 on CPU.',
+      lower_bound=1)
   COMPILATION_CACHE = flags.DEFINE_bool(
       'compilation_cache', True, 'Keep compiled programs in $CONVNET_CACHE (default '
       '~/.cache/convnet/jax), so points of the same shapes, and reruns, skip compiling.')

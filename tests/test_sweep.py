@@ -69,8 +69,9 @@ def get_sweep():
 
 
 def sweep_command(experiment, sweep_dir, *flags):
-  return [sys.executable, '-m', 'convnet.sweep',
-          '--config', str(experiment), '--workdir', str(sweep_dir), *flags]
+  """The sweep command, one point at a time unless flags say otherwise."""
+  return [sys.executable, '-m', 'convnet.sweep', '--config', str(experiment), '--workdir',
+          str(sweep_dir), '--points_at_once=1', *flags]
 
 
 def test_a_killed_sweep_reruns_only_the_missing_points_and_reports_them(tmp_path):
@@ -204,4 +205,6 @@ def test_report_pools_seed_points_and_marks_pending_ones(tmp_path):
   assert row['num_seeds'] == 3 and row['wall_time_s'] == 15.0
   assert row['test_accuracy'] == pytest.approx(0.8)
   assert row['test_accuracy_std'] == pytest.approx(0.1)
-  assert '80.00 ± 10.00' in report.markdown_table([row])
+  assert '| 80.00 ± 10.00 | 3 |' in report.markdown_table([row])
+  one_seed = {**row, 'num_seeds': 1, 'test_accuracy_std': 0.0}
+  assert '| 80.00 | 1 |' in report.markdown_table([one_seed])  # Not '± 0.00'.
