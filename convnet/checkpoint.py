@@ -123,8 +123,9 @@ def verify(path: str) -> str | None:
 
 
 def save(checkpoints: Manager, step: int, tree) -> None:
-  """Starts writing the checkpoint for `step` from `tree` (host arrays, which must not
-  change afterwards) and returns; first waits for the one before (see `finish`)."""
+  """Starts writing the checkpoint for `step` from `tree` and returns; first waits for the
+  one before (see `finish`). Its arrays must not change afterwards: host arrays, or device
+  arrays no later step reuses (the writer thread copies them to the host)."""
   finish(checkpoints)
   checkpoints.pending = (step, _WRITER.submit(_write, checkpoints, step, tree))
 
@@ -146,6 +147,7 @@ _WRITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='checkpoin
 
 
 def _write(checkpoints: Manager, step: int, tree) -> None:
+  tree = jax.device_get(tree)  # Waits for the step's arrays here, not on the training thread.
   checkpoints.save(step, args=ocp.args.StandardSave(tree), force=True)
   path = os.path.join(str(checkpoints.directory), str(step))
   sums = file_sums(path)

@@ -7,7 +7,9 @@ over a NamedSharding mesh); over several processes (jax.distributed) the pmapped
 axis spans every process's devices and each process feeds only its own devices.
 """
 
+import contextlib
 import os
+import threading
 from typing import Callable
 
 import jax
@@ -153,3 +155,26 @@ def replicate(x: np.ndarray, devices) -> jax.Array:
 def local_rows(x: np.ndarray, devices, local_devices) -> np.ndarray:
   """The rows of a [len(devices), ...] array that belong to this process's devices."""
   return x[[devices.index(d) for d in local_devices]]
+
+
+_SHARED: dict = {}  # key -> [value, number of holders]
+_SHARED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def shared(key, make: Callable):
+  """make()'s value, made once for everyone in this process holding `key` at the time:
+  sweep points training at once on the same devices share one copy of the dataset
+  there. It is dropped (its device memory freed) when the last holder is done."""
+  with _SHARED_LOCK:
+    if key not in _SHARED:
+      _SHARED[key] = [make(), 0]
+    entry = _SHARED[key]
+    entry[1] += 1
+  try:
+    yield entry[0]
+  finally:
+    with _SHARED_LOCK:
+      entry[1] -= 1
+      if not entry[1]:
+        del _SHARED[key]

@@ -2,8 +2,10 @@
 
 `train_step` and `eval_step` see one device's slice of a batch and average over
 the axis `AXIS`; how they are parallelised is decided in `parallel.py`. The
-dataset lives on the devices and the steps between two logging points run as one
-compiled `lax.scan`, so there is no host round trip per step.
+dataset lives on the devices (one copy per device, shared by the runs of a process) and
+the steps between two logging points run as one compiled `lax.scan`, so there is no host
+round trip per step; the host reads each chunk's metrics after starting the next chunk
+(`Training`), so the devices never wait for it.
 """
 
 import contextlib
@@ -409,188 +411,297 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate(config)
   if jax.default_backend() == 'cpu':
     memory.keep_freed_memory()
-  if devices is None:
-    devices, local_devices = parallel.participating_devices(config.num_devices)
-  elif len(devices) != config.num_devices or jax.process_count() > 1:
-    raise ValueError(f'{len(devices)} devices given for num_devices={config.num_devices}; '
-                     f'devices are given in one process only')
-  else:
-    local_devices = devices = list(devices)
-  num_devices, writer = len(devices), parallel.is_writer()
-  log = print_line if writer else lambda *args, **kwargs: None
+  devices, local_devices = run_devices(config, devices)
   data = load_data(config)
   steps_per_epoch = check_data(config, data)
-  image_shape = data.train.images.shape[1:]
+  writer = parallel.is_writer()
   with workdir_lib.claim(workdir, enabled=writer):
     records = workdir_lib.prepare(workdir, config.to_dict(),
-                                  workdir_lib.data_record(data, config, num_devices),
+                                  workdir_lib.data_record(data, config, len(devices)),
                                   allow_config_change)
-
-    model, learning_rate_fn, state, data_keys, dropout_keys = init_run(config, image_shape,
-                                                                       steps_per_epoch)
-    first_seed = jax.tree_util.tree_map(lambda x: x[0], state)
-    num_params = models.count_params(first_seed.params)
-    flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
-    train_time, earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
     with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
          stop_requests(stop_requested) as stop_requested, \
-         contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out:
-      restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
-      if restored:
-        state, (data_keys, dropout_keys), times, step = restored
-        train_time, earlier_wall_time = times['train_s'], times['wall_s']
-        log(f'resuming {workdir} from its checkpoint at step {step}', flush=True)
-      resumed_at = int(state.step[0])
-
-      def mark_started():
-        """The run has started: its records are written now, so that a start that fails
-        (a refused checkpoint, a model too large to compile) leaves the workdir as it was."""
-        nonlocal records
-        if writer and records:
-          workdir_lib.start(workdir, records)
-          workdir_lib.keep_records_up_to(out.metrics_path, resumed_at)
-        records = None
-
-      log(f'{num_params:,} parameters, {flops_per_image / 1e6:.1f} MFLOP per training image; '
-          f'{model.ops.backend} kernels (model.ops={config.model.ops!r}); '
-          f'feature maps {shapes.feature_shapes(model.blocks, image_shape)}; {config.num_seeds} '
-          f'seed(s); {num_devices} x {devices[0].device_kind} in {jax.process_count()} '
-          f'process(es)', flush=True)
-
-      # The state and keys live on every device, as the pmapped functions return them,
-      # so each compiled function sees one sharding whether the state is new or restored.
-      state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
-                                                      parallel.replicated(local_devices))
-      train_images, train_labels = (parallel.replicate(x, local_devices) for x in data.train)
-      test_arrays = [parallel.put_on_devices(parallel.local_rows(x, devices, local_devices),
-                                             local_devices)
-                     for x in shard_for_eval(data.test, config.eval_batch_size, num_devices)]
-      num_train = len(data.train.labels)
-      start = time.time()
-      evaluate = parallel.compile_now(
-          parallel_evaluate(data.mean, data.std, devices, config.parallel), state, *test_arrays)
-      permute = jax.jit(epoch_permutations, static_argnums=2)
-      compile_time = time.time() - start
-      compiled_chunks = {}
-
-      def compiled_chunk(num_steps, *args):
-        nonlocal compile_time
-        if num_steps not in compiled_chunks:
-          start = time.time()
-          out.note(f'compiling the training step ({num_steps} steps per call)...')
-          compiled_chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
-              num_steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
-              how=config.parallel, micro_batch_size=config.micro_batch_size,
-              augment=(config.data.augment, config.data.augment_pixels)), *args)
-          compile_time += time.time() - start
-        return compiled_chunks[num_steps]
-
-      def run_evaluation():
-        sums = jax.device_get(evaluate(state, *test_arrays))
-        record = {'step': int(state.step[0]), 'epoch': int(state.step[0]) // steps_per_epoch,
-                  'test_count': int(sums['count'][0]),
-                  'time_s': earlier_wall_time + time.time() - run_start}  # Since the start.
-        seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
-        seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
-        return record, sums['confusion'][0]  # Seed 0's, as the figures show seed 0.
-
-      def save():
-        if writer:
-          tree = checkpoint_tree(state, (data_keys, dropout_keys),
-                                 {'train_s': train_time,
-                                  'wall_s': earlier_wall_time + time.time() - run_start})
-          checkpoint.save(checkpoints, int(state.step[0]), jax.device_get(tree))
-        return int(state.step[0])
-
-      total_steps = config.num_epochs * steps_per_epoch
-      step = last_saved = int(state.step[0])
-      test, perms, epoch_metrics, epoch_time = None, None, [], 0.0
-      profile = Profile(config.profile_steps if writer else 0,
-                        os.path.join(workdir, 'tensorboard'))
-      while step < total_steps:
-        epoch = step // steps_per_epoch
-        if perms is None or step % steps_per_epoch == 0:
-          perms = jax.device_put(permute(data_keys, epoch, num_train),
-                                 parallel.replicated(local_devices))
-          out.start_epoch(epoch + 1, config.num_epochs, steps_per_epoch, epoch * steps_per_epoch,
-                          step)
-        end = chunk_end(step, steps_per_epoch, config.log_every_steps)
-        args = (state, train_images, train_labels, perms, dropout_keys)
-        train_chunk = compiled_chunk(end - step, *args)
-        profile.start()  # After the compile: the trace holds steps only.
-        chunk_start = time.time()
-        state, metrics = train_chunk(*args)
-        metrics = jax.device_get(metrics)  # [seeds, steps]. Blocks: one host sync per chunk.
-        chunk_time = time.time() - chunk_start
-        profile.ran(end - step, log)
-        train_time += chunk_time
-        epoch_time += chunk_time
-        problem = divergence(metrics['loss'], step, config.divergence_factor,
-                             config.model.num_classes)
-        if problem:
-          checkpoint.finish(checkpoints)  # The advice names the last checkpoint: it is whole.
-          raise FloatingPointError(f'{problem} (epoch {epoch + 1}); ' + divergence_advice(
-              last_saved, started=records is None, learning_rate=config.learning_rate))
-        epoch_metrics.append(metrics)
-        record = {'step': end, 'epoch': epoch + 1,
-                  'learning_rate': float(learning_rate_fn(end - 1)),
-                  'images_per_s': (end - step) * config.batch_size * config.num_seeds / chunk_time}
-        seed_summary(record, 'train_loss', metrics['loss'].mean(axis=1))
-        seed_summary(record, 'train_accuracy', metrics['accuracy'].mean(axis=1))
-        mark_started()
-        out.write(record)
-        step = end
-        if step % steps_per_epoch == 0:
-          test, confusion = run_evaluation()
-          out.write(test)
-          out.filters(jax.tree_util.tree_map(lambda x: x[0], state.params), step)
-          out.end_epoch()
-          losses = np.concatenate([m['loss'] for m in epoch_metrics], axis=1)
-          accuracies = np.concatenate([m['accuracy'] for m in epoch_metrics], axis=1)
-          log(f'epoch {epoch + 1}/{config.num_epochs}: train loss {losses.mean():.4f} accuracy '
-                f'{accuracies.mean():.4f} | test loss {test["test_loss"]:.4f} accuracy '
-                f'{test["test_accuracy"]:.4f} | '
-                f'{losses.size * config.batch_size / epoch_time:,.0f} '
-                f'images/s, {epoch_time:.1f}s', flush=True)
-          epoch_metrics, epoch_time = [], 0.0
-        if (step % steps_per_epoch == 0 or stop_requested or
-            (config.checkpoint_every_steps and step - last_saved >= config.checkpoint_every_steps)):
-          last_saved = save()
-        if stop_requested:
-          checkpoint.finish(checkpoints)
-          raise Interrupted(f'{stop_requested[0]} at step {step}: checkpoint saved in '
-                            f'{checkpoints.directory}; rerun the same command to resume')
-      profile.stop(log)  # A run shorter than profile_steps.
-      checkpoint.finish(checkpoints)  # The last checkpoint is on disk before results.json.
-      mark_started()  # A run resumed from its last checkpoint trains no step.
-      if test is None or test['step'] != step:
-        test, confusion = run_evaluation()
-      results = {**{k: v for k, v in test.items() if k.startswith('test_')},  # Last epoch's.
-                 'num_seeds': config.num_seeds,
-                 'seeds': [config.seed + i for i in range(config.num_seeds)],
-                 'num_params': num_params, 'flops_per_image': flops_per_image,
-                 'num_epochs': config.num_epochs, 'train_time_s': train_time,
-                 'compile_time_s': compile_time,
-                 'train_images_per_s': config.num_epochs * steps_per_epoch * config.batch_size
-                                       * config.num_seeds / max(train_time, 1e-9),
-                 'wall_time_s': earlier_wall_time + time.time() - run_start,
-                 'num_devices': num_devices, 'device_kind': devices[0].device_kind,
-                 'kernels': model.ops.backend}
-      if 'test_accuracy_per_seed' in test:
-        results['test_accuracy_std'] = float(np.std(test['test_accuracy_per_seed'], ddof=1))
-      if writer:
-        seed0 = jax.tree_util.tree_map(lambda x: x[0], state)
-        examples = data.test.images[[int(np.flatnonzero(data.test.labels == label)[0])
-                                     for label in np.unique(data.test.labels)[:4]]]
-        out.end_of_run(
-            step, maps=models.feature_maps(
-                model, {'params': seed0.params, 'batch_stats': seed0.batch_stats},
-                input_pipeline.normalize(jnp.asarray(examples), data.mean, data.std)),
-            confusion=np.asarray(confusion), hparams=config.to_dict(),
-            metrics={k: results[k] for k in FINAL_METRICS if k in results})
-        workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)  # Last: done.
-  log(summary_line(results, workdir), flush=True)
+         contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out, \
+         on_devices(data, config.eval_batch_size, devices, local_devices) as arrays:
+      training = Training(config=config, workdir=workdir, data=data, arrays=arrays,
+                          devices=devices, local_devices=local_devices,
+                          steps_per_epoch=steps_per_epoch, records=records,
+                          checkpoints=checkpoints, out=out, stop_requested=stop_requested,
+                          run_start=run_start)
+      training.train()
+      results = training.finish()
+  if writer:
+    print_line(summary_line(results, workdir))
   return results
+
+
+def run_devices(config, devices: list | None) -> tuple[list, list]:
+  """(the devices the run trains on, this process's among them): `devices` as given (one
+  process), else the first config.num_devices (all of every process's with jax.distributed)."""
+  if devices is None:
+    return parallel.participating_devices(config.num_devices)
+  if len(devices) != config.num_devices or jax.process_count() > 1:
+    raise ValueError(f'{len(devices)} devices given for num_devices={config.num_devices}; '
+                     f'devices are given in one process only')
+  return list(devices), list(devices)
+
+
+class DeviceData(NamedTuple):
+  train_images: jax.Array  # The whole training set on every device: each gathers its batches.
+  train_labels: jax.Array
+  test: list  # images, labels, mask: [devices, steps, per_device_batch, ...] (shard_for_eval).
+
+
+def on_devices(data: input_pipeline.Dataset, eval_batch_size: int, devices, local_devices):
+  """The dataset placed on this process's devices, once: sweep points training at once on
+  the same devices share one copy (parallel.shared)."""
+  key = ('dataset', workdir_lib.fingerprint(data.train)['sha256'],
+         workdir_lib.fingerprint(data.test)['sha256'], eval_batch_size, tuple(devices))
+
+  def place():
+    test = shard_for_eval(data.test, eval_batch_size, len(devices))
+    return DeviceData(*(parallel.replicate(x, local_devices) for x in data.train),
+                      [parallel.put_on_devices(parallel.local_rows(x, devices, local_devices),
+                                               local_devices) for x in test])
+
+  return parallel.shared(key, place)
+
+
+class Training:
+  """One run's state between chunks, and the loop that trains it.
+
+  The host reads a chunk's results one chunk behind: it starts chunk k+1 (after the
+  evaluation and the checkpoint copy that follow chunk k) before it waits for chunk k's
+  metrics, so the device has work queued while the host logs, checks for divergence and
+  hands checkpoints to the writer thread. Each chunk's results are handled in order
+  (`handle_chunk`, `handle_epoch_end`, `handle_checkpoint`): a checkpoint reaches the
+  writer only after the records up to its step are written.
+  """
+
+  def __init__(self, *, config, workdir: str, data: input_pipeline.Dataset, arrays: DeviceData,
+               devices: list, local_devices: list, steps_per_epoch: int, records: dict | None,
+               checkpoints, out: metric_writer.MetricWriter, stop_requested: list,
+               run_start: float):
+    self.config, self.workdir, self.data, self.arrays = config, workdir, data, arrays
+    self.devices, self.local_devices = devices, local_devices
+    self.steps_per_epoch, self.records = steps_per_epoch, records
+    self.checkpoints, self.out, self.stop_requested = checkpoints, out, stop_requested
+    self.run_start, self.writer = run_start, parallel.is_writer()
+    self.log = print_line if self.writer else lambda *args, **kwargs: None
+    image_shape = data.train.images.shape[1:]
+    self.model, self.learning_rate_fn, state, data_keys, dropout_keys = init_run(
+        config, image_shape, steps_per_epoch)
+    first_seed = jax.tree_util.tree_map(lambda x: x[0], state)
+    self.num_params = models.count_params(first_seed.params)
+    self.flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
+    self.train_time, self.earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
+    restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
+    if restored:
+      state, (data_keys, dropout_keys), times, step = restored
+      self.train_time, self.earlier_wall_time = times['train_s'], times['wall_s']
+      self.log(f'resuming {workdir} from its checkpoint at step {step}')
+    self.step = self.saved = self.checkpointed = self.resumed_at = int(state.step[0])
+    self.log(f'{self.num_params:,} parameters, {self.flops_per_image / 1e6:.1f} MFLOP per '
+             f'training image; {self.model.ops.backend} kernels (model.ops='
+             f'{config.model.ops!r}); feature maps '
+             f'{shapes.feature_shapes(self.model.blocks, image_shape)}; {config.num_seeds} '
+             f'seed(s); {len(devices)} x {devices[0].device_kind} in {jax.process_count()} '
+             f'process(es)')
+    # The state and keys live on every device, as the parallel functions return them, so
+    # each compiled function sees one sharding whether the state is new or restored.
+    self.state, self.data_keys, self.dropout_keys = jax.device_put(
+        (state, data_keys, dropout_keys), parallel.replicated(local_devices))
+    start = time.time()
+    self.evaluate = parallel.compile_now(
+        parallel_evaluate(data.mean, data.std, devices, config.parallel), self.state,
+        *arrays.test)
+    self.permute = jax.jit(epoch_permutations, static_argnums=2)
+    self.compile_time = time.time() - start
+    self.chunks, self.perms, self.shown_epoch = {}, None, None
+    self.test = self.confusion = None
+    self.epoch_metrics, self.epoch_time, self.ready_at = [], 0.0, 0.0
+    self.profile = Profile(config.profile_steps if self.writer else 0,
+                           os.path.join(workdir, 'tensorboard'))
+
+  def train(self) -> None:
+    """Every chunk up to num_epochs, or up to a SIGTERM/SIGINT (then saved; Interrupted)."""
+    total_steps = self.config.num_epochs * self.steps_per_epoch
+    pending = []
+    while self.step < total_steps and not self.stop_requested:
+      started = self.start_chunk()
+      self.handle(pending)  # Waits for the chunk before the one just started.
+      pending = started
+    self.handle(pending)
+    if self.stop_requested:
+      if self.checkpointed != self.step:
+        self.handle_checkpoint(self.step, self.snapshot())
+      checkpoint.finish(self.checkpoints)
+      raise Interrupted(f'{self.stop_requested[0]} at step {self.step}: checkpoint saved in '
+                        f'{self.checkpoints.directory}; rerun the same command to resume')
+
+  def start_chunk(self) -> list:
+    """Starts the steps up to the next logging point or epoch end, then the evaluation and
+    checkpoint copy due after them; returns their handlers, to run once the next has started."""
+    step, config = self.step, self.config
+    if self.perms is None or step % self.steps_per_epoch == 0:
+      self.perms = jax.device_put(
+          self.permute(self.data_keys, step // self.steps_per_epoch, len(self.data.train.labels)),
+          parallel.replicated(self.local_devices))
+    end = chunk_end(step, self.steps_per_epoch, config.log_every_steps)
+    args = (self.state, self.arrays.train_images, self.arrays.train_labels, self.perms,
+            self.dropout_keys)
+    train_chunk = self.compiled_chunk(end - step, args)
+    self.profile.start()  # After the compile: the trace holds steps only.
+    started_at = time.time()
+    self.state, metrics = train_chunk(*args)
+    self.step = end
+    handlers = [(self.handle_chunk, (step, end, metrics, started_at))]
+    if end % self.steps_per_epoch == 0:
+      handlers.append((self.handle_epoch_end, (end, self.evaluate(self.state, *self.arrays.test),
+                                               self.seed0_params())))
+    if end % self.steps_per_epoch == 0 or (config.checkpoint_every_steps and
+                                           end - self.saved >= config.checkpoint_every_steps):
+      handlers.append((self.handle_checkpoint, (end, self.snapshot())))
+      self.saved = end
+    return handlers
+
+  def compiled_chunk(self, num_steps: int, args) -> Callable:
+    """The compiled program running num_steps training steps (two lengths at most)."""
+    if num_steps not in self.chunks:
+      start = time.time()
+      self.out.note(f'compiling the training step ({num_steps} steps per call)...')
+      config = self.config
+      self.chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
+          num_steps, self.steps_per_epoch, config.batch_size, self.data.mean, self.data.std,
+          self.devices, how=config.parallel, micro_batch_size=config.micro_batch_size,
+          augment=(config.data.augment, config.data.augment_pixels)), *args)
+      self.compile_time += time.time() - start
+    return self.chunks[num_steps]
+
+  def snapshot(self):
+    """A device copy of what a checkpoint holds: the next chunk may reuse the state's buffers."""
+    return jax.tree_util.tree_map(jnp.copy, (self.state, self.data_keys, self.dropout_keys))
+
+  def seed0_params(self):
+    return jax.tree_util.tree_map(lambda x: x[0], self.state.params)
+
+  @staticmethod
+  def handle(handlers: list) -> None:
+    for handler, args in handlers:
+      handler(*args)
+
+  def handle_chunk(self, step: int, end: int, metrics, started_at: float) -> None:
+    """A chunk's metrics: checked for divergence, written to metrics.jsonl."""
+    config = self.config
+    metrics = jax.device_get(metrics)  # [seeds, steps]. Waits for the chunk.
+    # It began when it was started or when the work before it ended, whichever is later.
+    chunk_time, self.ready_at = time.time() - max(started_at, self.ready_at), time.time()
+    self.profile.ran(end - step, self.log)
+    self.train_time += chunk_time
+    self.epoch_time += chunk_time
+    epoch = step // self.steps_per_epoch
+    problem = divergence(metrics['loss'], step, config.divergence_factor,
+                         config.model.num_classes)
+    if problem:
+      checkpoint.finish(self.checkpoints)  # The advice names the last checkpoint: it is whole.
+      raise FloatingPointError(f'{problem} (epoch {epoch + 1}); ' + divergence_advice(
+          self.checkpointed, started=self.records is None, learning_rate=config.learning_rate))
+    if epoch != self.shown_epoch:
+      self.out.start_epoch(epoch + 1, config.num_epochs, self.steps_per_epoch,
+                           epoch * self.steps_per_epoch, step)
+      self.shown_epoch = epoch
+    self.epoch_metrics.append(metrics)
+    record = {'step': end, 'epoch': epoch + 1,
+              'learning_rate': float(self.learning_rate_fn(end - 1)),
+              'images_per_s': (end - step) * config.batch_size * config.num_seeds / chunk_time}
+    seed_summary(record, 'train_loss', metrics['loss'].mean(axis=1))
+    seed_summary(record, 'train_accuracy', metrics['accuracy'].mean(axis=1))
+    self.mark_started()
+    self.out.write(record)
+
+  def mark_started(self) -> None:
+    """The run has started: its records are written now, so that a start that fails (a
+    refused checkpoint, a model too large to compile) leaves the workdir as it was."""
+    if self.writer and self.records:
+      workdir_lib.start(self.workdir, self.records)
+      workdir_lib.keep_records_up_to(self.out.metrics_path, self.resumed_at)
+    self.records = None
+
+  def handle_epoch_end(self, step: int, sums, params) -> None:
+    """The test metrics, filters and summary line of the epoch ending at `step`."""
+    self.test, self.confusion = self.test_record(step, sums)
+    self.out.write(self.test)
+    self.out.filters(jax.device_get(params), step)
+    self.out.end_epoch()
+    losses = np.concatenate([m['loss'] for m in self.epoch_metrics], axis=1)
+    accuracies = np.concatenate([m['accuracy'] for m in self.epoch_metrics], axis=1)
+    self.log(f'epoch {step // self.steps_per_epoch}/{self.config.num_epochs}: train loss '
+             f'{losses.mean():.4f} accuracy {accuracies.mean():.4f} | test loss '
+             f'{self.test["test_loss"]:.4f} accuracy {self.test["test_accuracy"]:.4f} | '
+             f'{losses.size * self.config.batch_size / self.epoch_time:,.0f} images/s, '
+             f'{self.epoch_time:.1f}s')
+    self.epoch_metrics, self.epoch_time = [], 0.0
+
+  def test_record(self, step: int, sums) -> tuple[dict, np.ndarray]:
+    """(the test record of the state at `step`, seed 0's confusion matrix) from evaluate's sums."""
+    sums = jax.device_get(sums)
+    self.ready_at = time.time()
+    record = {'step': step, 'epoch': step // self.steps_per_epoch,
+              'test_count': int(sums['count'][0]),
+              'time_s': self.earlier_wall_time + time.time() - self.run_start}  # Since the start.
+    seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
+    seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
+    return record, sums['confusion'][0]  # Seed 0's, as the figures show seed 0.
+
+  def handle_checkpoint(self, step: int, snapshot) -> None:
+    """Hands the checkpoint of `step` to the writer thread (checkpoint.save)."""
+    state, data_keys, dropout_keys = snapshot
+    if self.writer:
+      checkpoint.save(self.checkpoints, step, checkpoint_tree(
+          state, (data_keys, dropout_keys),
+          {'train_s': self.train_time,
+           'wall_s': self.earlier_wall_time + time.time() - self.run_start}))
+    self.checkpointed = step
+
+  def finish(self) -> dict:
+    """After the last chunk: the last checkpoint on disk, the figures, then results.json."""
+    self.profile.stop(self.log)  # A run shorter than profile_steps.
+    checkpoint.finish(self.checkpoints)  # The last checkpoint is on disk before results.json.
+    self.mark_started()  # A run resumed from its last checkpoint trains no step.
+    if self.test is None or self.test['step'] != self.step:
+      self.test, self.confusion = self.test_record(
+          self.step, self.evaluate(self.state, *self.arrays.test))
+    results = self.results()
+    if self.writer:
+      seed0 = jax.tree_util.tree_map(lambda x: x[0], self.state)
+      labels = self.data.test.labels
+      examples = self.data.test.images[[int(np.flatnonzero(labels == label)[0])
+                                        for label in np.unique(labels)[:4]]]
+      self.out.end_of_run(
+          self.step, maps=models.feature_maps(
+              self.model, {'params': seed0.params, 'batch_stats': seed0.batch_stats},
+              input_pipeline.normalize(jnp.asarray(examples), self.data.mean, self.data.std)),
+          confusion=np.asarray(self.confusion), hparams=self.config.to_dict(),
+          metrics={k: results[k] for k in FINAL_METRICS if k in results})
+      workdir_lib.write_json(os.path.join(self.workdir, 'results.json'), results)  # Last: done.
+    return results
+
+  def results(self) -> dict:
+    config = self.config
+    results = {**{k: v for k, v in self.test.items() if k.startswith('test_')},  # Last epoch's.
+               'num_seeds': config.num_seeds,
+               'seeds': [config.seed + i for i in range(config.num_seeds)],
+               'num_params': self.num_params, 'flops_per_image': self.flops_per_image,
+               'num_epochs': config.num_epochs, 'train_time_s': self.train_time,
+               'compile_time_s': self.compile_time,
+               'train_images_per_s': config.num_epochs * self.steps_per_epoch * config.batch_size
+                                     * config.num_seeds / max(self.train_time, 1e-9),
+               'wall_time_s': self.earlier_wall_time + time.time() - self.run_start,
+               'num_devices': len(self.devices), 'device_kind': self.devices[0].device_kind,
+               'kernels': self.model.ops.backend}
+    if 'test_accuracy_per_seed' in self.test:
+      results['test_accuracy_std'] = float(np.std(self.test['test_accuracy_per_seed'], ddof=1))
+    return results
 
 
 class Profile:

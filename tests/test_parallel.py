@@ -1,5 +1,5 @@
 """Several processes (jax.distributed over localhost, gloo) train exactly like one; the
-process's malloc settings."""
+process's malloc settings; values shared by runs in one process."""
 
 import json
 import socket
@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from conftest import REPO, main_command
-from convnet import parallel, workdir
+from convnet import input_pipeline, parallel, train, workdir
 
 # Dropout off: its masks are drawn per device, so they depend on the device count.
 RUN = ('--config.data.num_train=2048', '--config.model.dropout=0.0', '--config.batch_size=32',
@@ -96,3 +97,29 @@ def test_a_cluster_initialises_jax_distributed_without_flags(monkeypatch):
   parallel.initialize_distributed()
   parallel.initialize_distributed('host:1234', 2, 1)
   assert calls == [((), {}), (('host:1234',), {'num_processes': 2, 'process_id': 1})]
+
+
+def test_shared_values_are_made_once_for_their_holders_and_dropped_after_the_last():
+  made = []
+
+  def make():
+    made.append(object())
+    return made[-1]
+
+  with parallel.shared('key', make) as first, parallel.shared('key', make) as second:
+    assert first is second
+  assert len(made) == 1 and 'key' not in parallel._SHARED  # pylint: disable=protected-access
+  with parallel.shared('key', make) as third:
+    assert third is made[1]
+
+
+def test_points_on_the_same_devices_share_one_copy_of_the_dataset(mnist):
+  data = mnist._replace(train=input_pipeline.Split(*(x[:256] for x in mnist.train)))
+  devices = jax.local_devices()[:1]
+  with train.on_devices(data, 100, devices, devices) as a, \
+       train.on_devices(data, 100, devices, devices) as b, \
+       train.on_devices(data, 100, jax.local_devices()[1:], jax.local_devices()[1:]) as other:
+    assert a is b and other is not a
+    assert a.train_images.devices() == set(devices)
+    np.testing.assert_array_equal(np.asarray(a.train_images)[0], data.train.images)
+    np.testing.assert_array_equal(np.asarray(other.train_labels)[0], data.train.labels)

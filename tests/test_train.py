@@ -381,3 +381,41 @@ def test_vmapped_seeds_match_each_seed_trained_alone(smoke_config, tmp_path):
   assert per_seed[0] != per_seed[1]  # Different seeds: different inits, orders and masks.
   assert together['test_accuracy'] == pytest.approx(np.mean(per_seed))
   assert together['test_accuracy_std'] == pytest.approx(np.std(per_seed, ddof=1))
+
+
+def test_the_host_reads_each_chunk_after_starting_the_next(smoke_config, tmp_path, monkeypatch):
+  """Metrics are read one chunk behind: chunk k+1 is queued on the devices before the host
+  waits for chunk k. A checkpoint reaches the writer after the records up to its step."""
+  events = []
+
+  def spy(owner, name, event):
+    method = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+      events.append(event(*args))
+      return method(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+  spy(train.Training, 'start_chunk', lambda self: ('start', self.step))
+  spy(train.Training, 'handle_chunk', lambda self, step, *_: ('read', step))
+  spy(train.metric_writer.MetricWriter, 'write', lambda self, record: ('write', record['step']))
+  spy(train.checkpoint, 'save', lambda checkpoints, step, tree: ('save', step))
+  config = smoke_config
+  config.data.num_train, config.batch_size, config.num_epochs = 512, 32, 2
+  config.log_every_steps, config.checkpoint_every_steps = 4, 8
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+  starts_and_reads = [e for e in events if e[0] in ('start', 'read')]
+  expected = [('start', 0)]
+  for step in range(4, 32, 4):
+    expected += [('start', step), ('read', step - 4)]
+  assert starts_and_reads == expected + [('read', 28)]
+  saves = [e for e in events if e[0] == 'save']
+  assert [step for _, step in saves] == [8, 16, 24, 32]
+  for save in saves:  # Every train and test record up to the checkpoint's step is written.
+    assert events.index(save) > max(i for i, e in enumerate(events)
+                                     if e[0] == 'write' and e[1] == save[1])
+  records = workdir.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+  assert [r['step'] for r in records if 'train_loss' in r] == list(range(4, 33, 4))
+  assert [r['step'] for r in records if 'test_loss' in r] == [16, 32]
