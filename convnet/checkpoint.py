@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from convnet import workdir as workdir_lib
+
 SUBDIR = 'checkpoints'
 SUMS = 'sha256.json'  # In each step's directory: {relative path: sha256} of its other files.
 
@@ -150,10 +152,7 @@ def _write(checkpoints: Manager, step: int, tree) -> None:
   tree = jax.device_get(tree)  # Waits for the step's arrays here, not on the training thread.
   checkpoints.save(step, args=ocp.args.StandardSave(tree), force=True)
   path = os.path.join(str(checkpoints.directory), str(step))
-  sums = file_sums(path)
-  with open(os.path.join(path, SUMS + '.tmp'), 'w') as f:
-    json.dump(sums, f, indent=1)
-  os.replace(os.path.join(path, SUMS + '.tmp'), os.path.join(path, SUMS))
+  workdir_lib.write_text(os.path.join(path, SUMS), json.dumps(file_sums(path), indent=1))
 
 
 def _not_written(checkpoints: Manager, step: int, e: Exception) -> CheckpointError:

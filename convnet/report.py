@@ -9,6 +9,7 @@ keys), accuracy_vs_params.png and curves.png. Points whose only difference is
 """
 
 import csv
+import io
 import os
 import sys
 
@@ -97,13 +98,13 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_csv(path: str, rows: list[dict]) -> None:
   keys = swept_keys(rows)
-  with open(path + '.tmp', 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(keys + list(COLUMNS))
-    for row in rows:
-      writer.writerow([_cell(k, row[k]) if k in keys else row[k] for k in keys] +
-                      ['' if row[k] is None else row[k] for k in COLUMNS])
-  os.replace(path + '.tmp', path)
+  text = io.StringIO(newline='')
+  writer = csv.writer(text)
+  writer.writerow(keys + list(COLUMNS))
+  for row in rows:
+    writer.writerow([_cell(k, row[k]) if k in keys else row[k] for k in keys] +
+                    ['' if row[k] is None else row[k] for k in COLUMNS])
+  workdir_lib.write_text(path, text.getvalue())
 
 
 def _numeric(values) -> list:

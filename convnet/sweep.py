@@ -16,12 +16,16 @@ first trains (config, shapes, directory name). A point with a results.json is sk
 if it was trained with the same config and data (else the sweep is refused, naming
 the point and the differences), an unfinished one resumes from its checkpoint, so
 rerunning the command finishes a sweep. Worker K of N runs points K, K+N, K+2N, ...: any scheduler
-(Slurm arrays, several Colab sessions) can split a sweep over a shared filesystem.
+(Slurm arrays, several Colab sessions) can split a sweep over a shared filesystem;
+a worker whose base config (command-line overrides included) or points differ from what
+the first recorded (base_config.json, sweep.json) is refused, and a point another
+worker is training is skipped (left pending in the table).
 """
 
 import concurrent.futures
 import importlib.util
 import itertools
+import json
 import os
 import queue
 import sys
@@ -33,6 +37,7 @@ from ml_collections import config_flags
 from convnet import config_lib, parallel, report, train, workdir
 
 SWEEP_FILE = 'sweep.json'
+BASE_FILE = 'base_config.json'
 
 
 def values(key: str, vals) -> list[dict]:
@@ -137,6 +142,32 @@ def check_points(expanded: list[tuple[str, object]], sweep_dir: str) -> None:
             'that point')
 
 
+def record_sweep(sweep_dir: str, base: dict, points: list[dict]) -> None:
+  """Records the sweep in its directory: its points (sweep.json) and its base config with
+  the command line's overrides (base_config.json). A worker or rerun whose base config
+  or points differ is refused, naming the differences, so one table never mixes them."""
+  base_path, points_path = (os.path.join(sweep_dir, n) for n in (BASE_FILE, SWEEP_FILE))
+  if os.path.exists(base_path):
+    diff = workdir.config_diff(workdir.read_json(base_path), base)
+    if diff:
+      raise workdir.ConfigMismatchError(
+          f'{sweep_dir} is a sweep of another base config ({base_path}): {"; ".join(diff)}; '
+          f'give the same --config overrides as its other workers, or use a new --workdir')
+  points = json.loads(json.dumps(points))  # As they read back: tuples become lists.
+  if os.path.exists(points_path):
+    recorded = workdir.read_json(points_path)
+    if recorded != points:
+      names, recorded_names = [p['name'] for p in points], [p['name'] for p in recorded]
+      raise workdir.ConfigMismatchError(
+          f'{sweep_dir} is a sweep of other points ({points_path}): only there '
+          f'{[n for n in recorded_names if n not in names]}, only here '
+          f'{[n for n in names if n not in recorded_names]}; use the same experiment file, '
+          f'or a new --workdir')
+  else:
+    workdir.write_json(points_path, points)
+  workdir.write_json(base_path, base)
+
+
 def load_sweep(path: str) -> list[dict]:
   """get_sweep() of an experiment file (given as for --config, an optional ':arg' ignored)."""
   path = path.split(':')[0]
@@ -175,6 +206,7 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   The table rows are plain dicts (see report.collect), so a notebook needs no pandas.
   """
   import jax  # pylint: disable=import-outside-toplevel
+  given = base.to_dict()
   points_at_once = points_at_once or default_points_at_once()
   slots = [None]  # The devices a point trains on: the config's own.
   if points_at_once > 1:
@@ -185,11 +217,13 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   share = worker_share(len(expanded), num_workers, worker_index)
   check_points(expanded, sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
+  with workdir.locked(sweep_dir, wait=True):  # Workers starting together take turns here.
+    record_sweep(sweep_dir, given, [{'name': name, 'overrides': overrides}
+                                    for (name, _), overrides in zip(expanded, points)])
   # Workers share the directory, each its own points; the same worker twice is refused.
-  with workdir.locked(sweep_dir, f'.lock.worker{worker_index}'):
-    workdir.write_json(os.path.join(sweep_dir, SWEEP_FILE),
-                       [{'name': name, 'overrides': overrides}
-                        for (name, _), overrides in zip(expanded, points)])
+  worker_dir = os.path.join(sweep_dir, '.workers', str(worker_index))
+  os.makedirs(worker_dir, exist_ok=True)
+  with workdir.locked(worker_dir):
     todo = [i for i in share if not os.path.exists(
         os.path.join(sweep_dir, expanded[i][0], 'results.json'))]
     at_once = (f'{points_at_once} at once, each on one device of {jax.local_device_count()}'
@@ -221,6 +255,8 @@ def train_points(todo: list[tuple[int, int, str, object]], sweep_dir: str, slots
       train.print_line(f'== point {index + 1} of {count}{where}: {name}')
       train.train_and_evaluate(config, os.path.join(sweep_dir, name), devices=devices,
                                stop_requested=stop_requested)
+    except workdir.LockedError as e:  # Another worker's share overlaps this one's.
+      train.print_line(f'== point {index + 1} of {count} skipped: {e}')
     except BaseException:
       failed.set()
       raise

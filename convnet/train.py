@@ -352,9 +352,10 @@ def load_data(config) -> input_pipeline.Dataset:
   if config.data.num_train > len(data.train.labels):
     raise config_lib.ConfigError(f'data.num_train={config.data.num_train} but the training set '
                                  f'holds {len(data.train.labels)} images')
-  if config.data.num_train:
-    data = data._replace(train=input_pipeline.Split(*(x[:config.data.num_train]
-                                                      for x in data.train)))
+  if config.data.num_train:  # The statistics too are of the images the run trains on.
+    train_split = input_pipeline.Split(*(x[:config.data.num_train] for x in data.train))
+    mean, std = input_pipeline.pixel_mean_std(train_split.images)
+    data = data._replace(train=train_split, mean=mean, std=std)
   return data
 
 

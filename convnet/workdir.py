@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 
 import ml_collections
 
@@ -39,37 +41,42 @@ class LockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def locked(directory: str, name: str = '.lock'):
+def locked(directory: str, wait: bool = False):
   """An exclusive lock on `directory` for the life of the block, or LockedError naming the
-  process holding it.
+  process holding it (`wait=True`: waits for it instead).
 
-  flock is released by the kernel when its holder dies, so a lock left by a killed
-  process never blocks. The lock file holds the holder's PID and is removed on release;
-  a process that opened it just before the removal sees another inode and tries again.
+  The lock is a flock on the directory itself, which the kernel releases when its holder
+  dies, so a lock left by a killed process never blocks, and deleting or replacing files
+  in the directory never frees it. `directory`/.lock names the holder's PID for others'
+  messages; it is removed on release only while it still names this process.
   """
-  path = os.path.join(directory, name)
-  while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.read(fd, 32).decode(errors='replace').strip() or '(starting)'
-      os.close(fd)
-      raise LockedError(f'{directory} is in use by process {holder} (its lock: {path}); wait '
-                        f'for it to finish, stop it, or use another directory') from None
-    try:
-      if os.path.samestat(os.fstat(fd), os.stat(path)):
-        break
-    except FileNotFoundError:
-      pass
-    os.close(fd)
+  fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
   try:
-    os.ftruncate(fd, 0)
-    os.write(fd, f'{os.getpid()}\n'.encode())
+    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+  except BlockingIOError:
+    os.close(fd)
+    raise LockedError(f'{directory} is in use by process {lock_holder(directory)}; wait for '
+                      f'it to finish, stop it, or use another directory') from None
+  pid_file = os.path.join(directory, '.lock')
+  try:
+    write_text(pid_file, f'{os.getpid()}\n')
     yield
   finally:
-    os.unlink(path)
+    if lock_holder(directory) == str(os.getpid()):
+      os.unlink(pid_file)
     os.close(fd)
+
+
+def lock_holder(directory: str) -> str:
+  """The PID the lock's holder wrote into `directory`/.lock (a holder that has just taken
+  the lock is given a second to write it), or words saying it is missing."""
+  for _ in range(50):
+    try:
+      with open(os.path.join(directory, '.lock')) as f:
+        return f.read().strip()
+    except FileNotFoundError:
+      time.sleep(0.02)
+  return '(unknown: its .lock file was removed)'
 
 
 @contextlib.contextmanager
@@ -99,10 +106,21 @@ def claim(workdir: str, enabled: bool = True):
     raise
 
 
+def write_text(path: str, text: str) -> None:
+  """Writes `path` whole or not at all: a temporary file of this process and thread,
+  then a rename, so concurrent writers never share (or remove) each other's."""
+  tmp = f'{path}.{os.getpid()}.{threading.get_ident()}.tmp'
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
 def write_json(path: str, data) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(data, f, indent=2)
-  os.replace(path + '.tmp', path)
+  write_text(path, json.dumps(data, indent=2))
 
 
 class RecordError(ValueError):
@@ -162,9 +180,7 @@ def read_jsonl(path: str) -> list[dict]:
 def keep_records_up_to(path: str, step: int) -> None:
   """Drops metrics logged after `step` (the checkpoint a resume starts from)."""
   records = [r for r in read_jsonl(path) if r['step'] <= step]
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(json.dumps(r) + '\n' for r in records)
-  os.replace(path + '.tmp', path)
+  write_text(path, ''.join(json.dumps(r) + '\n' for r in records))
 
 
 def fingerprint(split) -> dict:
@@ -187,10 +203,13 @@ def data_record(data, config, num_devices: int) -> dict:
 
 
 def data_diff(saved: dict, new: dict) -> list[str]:
-  """'split key: saved -> new' for each fingerprint field that differs."""
-  return [f'{split} {key}: {saved.get(split, {}).get(key)!r} -> {new[split][key]!r}'
-          for split in ('train', 'test') if split in new for key in new[split]
-          if saved.get(split, {}).get(key) != new[split][key]]
+  """'split key: saved -> new' for each fingerprint field that differs, and 'mean'/'std'
+  when the normalisation statistics do."""
+  lines = [f'{split} {key}: {saved.get(split, {}).get(key)!r} -> {new[split][key]!r}'
+           for split in ('train', 'test') if split in new for key in new[split]
+           if saved.get(split, {}).get(key) != new[split][key]]
+  return lines + [f'{key}: {saved.get(key)} -> {new[key]}' for key in ('mean', 'std')
+                  if key in new and saved.get(key) != new[key]]
 
 
 def config_diff(saved: dict, new: dict) -> list[str]:

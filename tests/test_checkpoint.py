@@ -17,6 +17,7 @@ import pytest
 from configs import default
 from conftest import MNIST_DIR, REPO, fingerprint, main_command, metrics_without_timings
 from convnet import checkpoint, config_lib, inference, input_pipeline, train, workdir
+from test_input_pipeline import write_idx
 
 # 4,096 images = 32 steps per epoch; a chunk and a checkpoint every 4 steps; shifted images,
 # so that a resumed run must also draw the same moves.
@@ -120,7 +121,7 @@ def test_two_runs_started_together_one_refused_the_other_as_a_lone_run(uninterru
   loser = next(err for process, (_, err) in zip(processes, outputs) if process.returncode)
   winner = next(process.pid for process in processes if process.returncode == 0)
   assert loser.strip().splitlines()[-1].startswith(
-      f'error: {run_dir} is in use by process {winner} (its lock: {run_dir}/.lock)')
+      f'error: {run_dir} is in use by process {winner}; wait for it to finish')
   assert results(run_dir) == results(uninterrupted)  # The survivor's files: a lone run's.
   assert metrics_without_timings(run_dir) == metrics_without_timings(uninterrupted)
   assert sorted(os.listdir(run_dir)) == sorted(os.listdir(uninterrupted))
@@ -189,6 +190,31 @@ def test_resume_on_other_data_is_refused_naming_the_difference(smoke_config, tmp
   moved = tmp_path / 'moved'
   shutil.copytree(MNIST_DIR, moved)
   smoke_config.data.dir = str(moved)
+  train.train_and_evaluate(smoke_config, str(run_dir))
+  assert results(run_dir) == {k: v for k, v in finished.items() if k.startswith('test_')}
+
+
+def test_statistics_are_of_the_images_trained_on_and_part_of_the_runs_identity(
+    smoke_config, tmp_path, crashed_runs, mnist):
+  """data.num_train=2048: the mean and std are those of the first 2,048 images, so a change
+  beyond them changes nothing and resumes; a data.json of other statistics is refused."""
+  run_dir, finished = copy_of(crashed_runs, 1, tmp_path)
+  pixels = mnist.train.images[:2048].astype(np.float64) / 255
+  recorded = workdir.read_json(run_dir / 'data.json')
+  assert recorded['mean'] == pytest.approx([pixels.mean()], abs=1e-12)
+  assert recorded['std'] == pytest.approx([pixels.std()], abs=1e-12)
+  other = tmp_path / 'other'
+  shutil.copytree(MNIST_DIR, other)
+  images = mnist.train.images[..., 0].copy()
+  images[2048:] = 255  # Beyond num_train: the full file's mean would change a lot.
+  write_idx(other / 'train-images-idx3-ubyte.gz', images)
+  old = copy_of(crashed_runs, 1, tmp_path / 'old')[0]
+  workdir.write_json(str(old / 'data.json'), {**recorded, 'mean': [0.5]})  # Other statistics.
+  before = fingerprint(old)
+  smoke_config.data.dir = str(other)
+  with pytest.raises(workdir.ConfigMismatchError, match=r'other data:\n  mean: \[0.5\] -> '):
+    train.train_and_evaluate(smoke_config, str(old))
+  assert fingerprint(old) == before
   train.train_and_evaluate(smoke_config, str(run_dir))
   assert results(run_dir) == {k: v for k, v in finished.items() if k.startswith('test_')}
 
@@ -404,6 +430,41 @@ def test_a_workdir_in_use_is_refused_naming_its_process_and_a_stale_lock_is_not(
   assert killed.returncode == -9 and (run_dir / '.lock').exists()
   with workdir.locked(str(run_dir)):
     assert (run_dir / '.lock').read_text() == f'{os.getpid()}\n'
+
+
+def test_the_lock_dies_with_its_holder_not_with_its_file(tmp_path):
+  """Deleting or overwriting WORKDIR/.lock during a run frees nothing, and the run's
+  release never removes a .lock that another process wrote."""
+  with workdir.locked(str(tmp_path)):
+    os.remove(tmp_path / '.lock')
+    with pytest.raises(workdir.LockedError, match=r'in use by process \(unknown: its .lock '
+                                                  r'file was removed\)'):
+      with workdir.locked(str(tmp_path)):
+        pass
+    (tmp_path / '.lock').write_text('12345\n')  # As if another process had written it.
+  assert (tmp_path / '.lock').read_text() == '12345\n'
+  with workdir.locked(str(tmp_path)):  # The holder is gone: the lock is free.
+    assert (tmp_path / '.lock').read_text() == f'{os.getpid()}\n'
+
+
+def test_concurrent_writes_of_one_file_all_land_whole(tmp_path):
+  path, failures = str(tmp_path / 'shared.json'), []
+
+  def writer(n):
+    for i in range(200):
+      try:
+        workdir.write_json(path, {'writer': n, 'i': i})
+      except OSError as e:
+        failures.append(e)
+
+  threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not failures
+  assert workdir.read_json(path)['i'] == 199
+  assert os.listdir(tmp_path) == ['shared.json']  # No temporary file left behind.
 
 
 def test_a_start_that_fails_leaves_the_workdir_as_it_was(smoke_config, tmp_path, monkeypatch):

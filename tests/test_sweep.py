@@ -208,3 +208,40 @@ def test_report_pools_seed_points_and_marks_pending_ones(tmp_path):
   assert '| 80.00 ± 10.00 | 3 |' in report.markdown_table([row])
   one_seed = {**row, 'num_seeds': 1, 'test_accuracy_std': 0.0}
   assert '| 80.00 | 1 |' in report.markdown_table([one_seed])  # Not '± 0.00'.
+
+
+def test_sweep_workers_with_different_overrides_are_refused_before_training(smoke_config,
+                                                                           tmp_path):
+  """Worker 0 recorded the sweep with num_epochs=1 (as when started together); worker 1
+  with num_epochs=2, or with other points, is refused and writes nothing."""
+  smoke_config.data.num_train, smoke_config.progress = 256, False
+  points = sweep.values('model.filters', [4, 8])
+  sweep_dir = tmp_path / 'sweep'
+  sweep_dir.mkdir()
+  sweep.record_sweep(str(sweep_dir), smoke_config.to_dict(),
+                     [{'name': sweep.point_name(p), 'overrides': p} for p in points])
+  before = fingerprint(sweep_dir)
+  other = smoke_config.copy_and_resolve_references()
+  other.num_epochs = 2
+  with pytest.raises(workdir.ConfigMismatchError,
+                     match=r'is a sweep of another base config .*base_config.json\): '
+                           r'num_epochs: 1 -> 2; give the same --config overrides'):
+    sweep.run(other, points, str(sweep_dir), num_workers=2, worker_index=1)
+  with pytest.raises(workdir.ConfigMismatchError,
+                     match=r"other points .*: only there \['model.filters=8'\], only here "
+                           r"\['model.filters=16'\]"):
+    sweep.run(smoke_config, sweep.values('model.filters', [4, 16]), str(sweep_dir))
+  assert fingerprint(sweep_dir) == before
+
+
+def test_a_point_another_worker_is_training_is_skipped_and_left_pending(smoke_config, tmp_path,
+                                                                        capsys):
+  smoke_config.data.num_train, smoke_config.progress = 256, False
+  points = sweep.values('model.filters', [4, 8])
+  busy = tmp_path / 'sweep' / 'model.filters=8'
+  busy.mkdir(parents=True)
+  with workdir.locked(str(busy)):  # As an overlapping worker training that point holds it.
+    rows = sweep.run(smoke_config, points, str(tmp_path / 'sweep'), points_at_once=1)
+  assert [r['status'] for r in rows] == ['done', 'pending']
+  assert f'== point 2 of 2 skipped: {busy} is in use by process {os.getpid()}' in (
+      capsys.readouterr().out)
