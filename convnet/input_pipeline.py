@@ -70,11 +70,12 @@ def check_path(path: str, kind: str) -> None:
 
 
 def read_idx(path: str) -> np.ndarray:
-  """Reads one IDX file (optionally gzipped) holding unsigned bytes."""
+  """Reads one IDX file holding unsigned bytes, gzipped or not (whatever its name says)."""
   check_path(path, 'file')
   try:
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
+    with open(path, 'rb') as f:
+      gzipped = f.read(2) == b'\x1f\x8b'
+    with (gzip.open if gzipped else open)(path, 'rb') as f:
       data = f.read()
   except (OSError, EOFError) as e:  # gzip raises these for truncated/corrupt files.
     raise DataError(f'{path}: cannot be read ({e})') from e
@@ -91,8 +92,19 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def idx_path(directory: str, name: str) -> str:
+  """The IDX file `name` (*.gz) in directory, or the same name without .gz (gunzipped)."""
+  path = os.path.join(directory, name)
+  unzipped = path.removesuffix('.gz')
+  if not os.path.lexists(path) and os.path.lexists(unzipped):
+    return unzipped
+  if not os.path.lexists(path):
+    raise DataError(f'{path}: file not found (nor {os.path.basename(unzipped)}, gunzipped)')
+  return path
+
+
 def load_idx_split(directory: str, split: str) -> Split:
-  images_file, labels_file = (os.path.join(directory, f) for f in IDX_FILES[split])
+  images_file, labels_file = (idx_path(directory, f) for f in IDX_FILES[split])
   images, labels = read_idx(images_file), read_idx(labels_file)
   if images.ndim != 3:
     raise DataError(f'{images_file}: expected 3 dimensions [N, H, W], got shape {images.shape}')
@@ -242,7 +254,7 @@ def load_splits(source: str, directory: str, name: str, num_classes: int,
     except DataError as e:
       raise DataError(f'{e} (config key data.dir)') from None
     loaded = {s: load_idx_split(directory, s) for s in splits}
-    where = {s: os.path.join(directory, IDX_FILES[s][1]) for s in splits}
+    where = {s: idx_path(directory, IDX_FILES[s][1]) for s in splits}
   elif source == 'tfds':
     loaded = {s: load_tfds_split(name, s, directory, download, num_classes) for s in splits}
     where = {s: f'tfds {name}/{s}' for s in splits}

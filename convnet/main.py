@@ -23,9 +23,9 @@ COORDINATOR = flags.DEFINE_string(
     'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS', ''),
     'Multi-process runs: host:port of process 0 (default $JAX_COORDINATOR_ADDRESS); '
     'empty = one process.')
-NUM_PROCESSES = flags.DEFINE_integer('num_processes', int(os.environ.get('JAX_NUM_PROCESSES', 1)),
+NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                      'Multi-process runs: how many (default $JAX_NUM_PROCESSES).')
-PROCESS_ID = flags.DEFINE_integer('process_id', int(os.environ.get('JAX_PROCESS_ID', 0)),
+PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                   'Multi-process runs: this one, 0-based (default $JAX_PROCESS_ID).')
 CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', 0, 'Split the CPU into this many XLA devices (pmap over them), e.g. to '
@@ -45,19 +45,30 @@ def main(argv: list[str]) -> None:
     parallel.force_cpu_devices(CPU_DEVICES.value)
   if COMPILATION_CACHE.value:
     parallel.use_compilation_cache(parallel.compilation_cache_dir())
-  cluster = parallel.cluster()
-  if COORDINATOR.value:
-    parallel.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-  elif cluster:  # The cluster tells JAX the processes; no flags needed.
-    print(f'{cluster}: jax.distributed.initialize()', flush=True)
-    parallel.initialize_distributed()
   try:
+    start_processes()
     train.train_and_evaluate(CONFIG.value, WORKDIR.value, ALLOW_CONFIG_CHANGE.value)
   except train.Interrupted as e:
     print(f'stopped: {e}', file=sys.stderr)
     sys.exit(train.EXIT_INTERRUPTED)
   except train.USER_ERRORS as e:
     sys.exit(f'error: {e}')
+
+
+def start_processes() -> None:
+  """jax.distributed for a multi-process run (flags, or a cluster's environment), then
+  the backend: what the environment gets wrong is one line before anything is read."""
+  cluster = parallel.cluster()
+  if COORDINATOR.value:
+    parallel.initialize_distributed(
+        COORDINATOR.value,
+        parallel.env_int('JAX_NUM_PROCESSES', 1) if NUM_PROCESSES.value is None
+        else NUM_PROCESSES.value,
+        parallel.env_int('JAX_PROCESS_ID', 0) if PROCESS_ID.value is None else PROCESS_ID.value)
+  elif cluster:  # The cluster tells JAX the processes; no flags needed.
+    print(f'{cluster}: jax.distributed.initialize()', flush=True)
+    parallel.initialize_distributed()
+  parallel.start_backend()
 
 
 if __name__ == '__main__':

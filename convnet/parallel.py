@@ -24,20 +24,51 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   """jax.distributed.initialize, with gloo collectives so CPU processes can talk. Without
   arguments JAX reads them from the cluster (SLURM, a TPU pod slice)."""
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-  else:
-    jax.distributed.initialize()
+  try:
+    if coordinator_address:
+      jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                                 process_id=process_id)
+    else:
+      jax.distributed.initialize()
+  except (RuntimeError, ValueError) as e:
+    where = (f'with coordinator {coordinator_address}, {num_processes} processes, this one '
+             f'{process_id}' if coordinator_address else 'from the cluster\'s environment')
+    raise SetupError(f'jax.distributed.initialize ({where}) failed: '
+                     f'{str(e).splitlines()[0][:200]}; every process must be started and '
+                     f'reach the coordinator') from None
+
+
+class SetupError(RuntimeError):
+  """The environment (variables, the installed jax) cannot run this; the message says why."""
+
+
+def env_int(name: str, default: int, environ=os.environ) -> int:
+  """An integer environment variable, or SetupError naming it."""
+  value = environ.get(name, '')
+  try:
+    return int(value) if value.strip() else default
+  except ValueError:
+    raise SetupError(f'${name}={value!r} is not an integer') from None
+
+
+# What jax.distributed.initialize() reads in a SLURM job step (its SlurmCluster): srun sets them.
+SLURM_STEP_VARIABLES = ('SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID')
 
 
 def cluster(environ=os.environ) -> str | None:
   """Which multi-process cluster the environment describes, or None for one process.
 
   SLURM with more than one task, or a TPU pod slice (several TPU worker hosts): both
-  are what jax.distributed.initialize() detects by itself."""
-  tasks = int(environ.get('SLURM_NTASKS') or environ.get('SLURM_NPROCS') or 1)
+  are what jax.distributed.initialize() detects by itself. A SLURM job of several tasks
+  lacking what JAX reads there (a process started without srun) is refused."""
+  tasks = env_int('SLURM_NTASKS', 0, environ) or env_int('SLURM_NPROCS', 1, environ)
   if environ.get('SLURM_JOB_ID') and tasks > 1:
+    missing = [name for name in SLURM_STEP_VARIABLES if name not in environ]
+    if missing:
+      raise SetupError(
+          f'SLURM job {environ["SLURM_JOB_ID"]} has {tasks} tasks but {", ".join(missing)} '
+          f'not set: start one process per task with srun, or give --coordinator_address, '
+          f'--num_processes and --process_id')
     return f'SLURM job {environ["SLURM_JOB_ID"]} ({tasks} tasks)'
   hosts = [h for h in environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
   if len(hosts) > 1:
@@ -49,9 +80,31 @@ def slurm_array_worker(environ=os.environ) -> tuple[int, int] | None:
   """(num_workers, worker_index) of a SLURM array task, or None outside one."""
   if 'SLURM_ARRAY_TASK_ID' not in environ:
     return None
-  first = int(environ.get('SLURM_ARRAY_TASK_MIN', 0))
-  return (int(environ['SLURM_ARRAY_TASK_COUNT']),
-          int(environ['SLURM_ARRAY_TASK_ID']) - first)
+  if 'SLURM_ARRAY_TASK_COUNT' not in environ:
+    raise SetupError('SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: '
+                            'give --num_workers and --worker_index')
+  count = env_int('SLURM_ARRAY_TASK_COUNT', 1, environ)
+  index = env_int('SLURM_ARRAY_TASK_ID', 0, environ) - env_int('SLURM_ARRAY_TASK_MIN', 0, environ)
+  if not 0 <= index < count:
+    raise SetupError(
+        f'SLURM array task {environ["SLURM_ARRAY_TASK_ID"]} (SLURM_ARRAY_TASK_MIN='
+        f'{environ.get("SLURM_ARRAY_TASK_MIN", 0)}) is not one of SLURM_ARRAY_TASK_COUNT={count}'
+        f' consecutive tasks: give --num_workers and --worker_index')
+  return count, index
+
+
+def start_backend(environ=os.environ) -> None:
+  """Starts JAX's backend now, so that one JAX cannot start (JAX_PLATFORMS naming an
+  accelerator this machine or this jax lacks) is one line instead of a traceback."""
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:
+    reason = str(e).splitlines()[0] if str(e) else 'no backend started'
+    platforms = environ.get('JAX_PLATFORMS')
+    hint = (f'JAX_PLATFORMS={platforms!r} asks for a backend this machine or its jax lacks: '
+            f'unset it, or install jax for that accelerator (README, Install)' if platforms
+            else 'see the README, Install')
+    raise SetupError(f'JAX could not start ({reason[:200]}); {hint}') from None
 
 
 def compilation_cache_dir(environ=os.environ) -> str:

@@ -132,6 +132,7 @@ def check_points(expanded: list[tuple[str, object]], sweep_dir: str) -> None:
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f'sweep point {name}: {e}') from e
     point_dir = os.path.join(sweep_dir, name)
+    workdir.check_path(point_dir)
     if os.path.exists(os.path.join(point_dir, 'results.json')):
       data_lines, diff = workdir.differences(point_dir, config.to_dict(), record)
       diff += data_lines
@@ -215,6 +216,7 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
     slots = [[jax.local_devices()[i % jax.local_device_count()]] for i in range(points_at_once)]
   expanded = expand(base, points, jax.local_device_count())
   share = worker_share(len(expanded), num_workers, worker_index)
+  workdir.check_path(sweep_dir)
   check_points(expanded, sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
   with workdir.locked(sweep_dir, wait=True):  # Workers starting together take turns here.
@@ -278,6 +280,7 @@ def main(argv):
   if COMPILATION_CACHE.value:  # Points of the same shapes share their compiled programs.
     parallel.use_compilation_cache(parallel.compilation_cache_dir())
   try:
+    parallel.start_backend()
     points = load_sweep(flags.FLAGS['config'].config_filename)
     num_workers, worker_index = NUM_WORKERS.value, WORKER_INDEX.value
     if num_workers is None and worker_index is None:  # A SLURM array task says which.

@@ -293,7 +293,8 @@ EXIT_INTERRUPTED = 75
 # Errors caused by the user's config, data or workdir: the CLIs print them in one line.
 USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError, workdir_lib.ConfigMismatchError,
                workdir_lib.RecordError, checkpoint.CheckpointError, FloatingPointError,
-               FileExistsError, PermissionError, workdir_lib.LockedError)
+               FileExistsError, PermissionError, workdir_lib.LockedError, parallel.SetupError,
+               workdir_lib.WorkdirError, MemoryError)
 
 
 @contextlib.contextmanager
@@ -409,31 +410,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stop_requests) let a sweep train several points at once, each on its own devices.
   """
   run_start = time.time()
-  validate(config)
-  if jax.default_backend() == 'cpu':
-    memory.keep_freed_memory()
-  devices, local_devices = run_devices(config, devices)
-  data = load_data(config)
-  steps_per_epoch = check_data(config, data)
+  with stop_requests(stop_requested) as stop_requested:
+    validate(config)
+    if jax.default_backend() == 'cpu':
+      memory.keep_freed_memory()
+    devices, local_devices = run_devices(config, devices)
+    data = load_data(config)
+    steps_per_epoch = check_data(config, data)
+    results = train_in_workdir(
+        config=config, workdir=workdir, data=data, devices=devices, local_devices=local_devices,
+        steps_per_epoch=steps_per_epoch, allow_config_change=allow_config_change,
+        stop_requested=stop_requested, run_start=run_start)
+  if parallel.is_writer():
+    print_line(summary_line(results, workdir))
+  return results
+
+
+def train_in_workdir(*, config, workdir: str, data: input_pipeline.Dataset, devices: list,
+                     local_devices: list, steps_per_epoch: int, allow_config_change: bool,
+                     stop_requested: list, run_start: float) -> dict:
+  """Claims the workdir, then trains (resuming what it holds) and finishes the run."""
   writer = parallel.is_writer()
   with workdir_lib.claim(workdir, enabled=writer):
     records = workdir_lib.prepare(workdir, config.to_dict(),
                                   workdir_lib.data_record(data, config, len(devices)),
                                   allow_config_change)
     with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
-         stop_requests(stop_requested) as stop_requested, \
          contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out, \
          on_devices(data, config.eval_batch_size, devices, local_devices) as arrays:
-      training = Training(config=config, workdir=workdir, data=data, arrays=arrays,
-                          devices=devices, local_devices=local_devices,
-                          steps_per_epoch=steps_per_epoch, records=records,
-                          checkpoints=checkpoints, out=out, stop_requested=stop_requested,
-                          run_start=run_start)
-      training.train()
-      results = training.finish()
-  if writer:
-    print_line(summary_line(results, workdir))
-  return results
+      try:
+        training = Training(config=config, workdir=workdir, data=data, arrays=arrays,
+                            devices=devices, local_devices=local_devices,
+                            steps_per_epoch=steps_per_epoch, records=records,
+                            checkpoints=checkpoints, out=out, stop_requested=stop_requested,
+                            run_start=run_start)
+        training.train()
+        return training.finish()
+      except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and 'RESOURCE_EXHAUSTED' not in str(e):
+          raise
+        raise OutOfMemory(out_of_memory_advice(config, devices, checkpoints)) from e
+
+
+class OutOfMemory(MemoryError):
+  """A device (or the host) ran out of memory; the message names the settings to lower."""
+
+
+def out_of_memory_advice(config, devices: list, checkpoints) -> str:
+  """What ran out, the settings that size it, and what is on disk."""
+  try:
+    checkpoint.finish(checkpoints)
+    kept = checkpoints.all_steps()
+  except checkpoint.CheckpointError:
+    kept = []
+  seeds = f' x num_seeds={config.num_seeds}' if config.num_seeds > 1 else ''
+  slices = (f'micro_batch_size={config.micro_batch_size}' if config.micro_batch_size else
+            'micro_batch_size (0: each device computes its whole share at once)')
+  disk = (f'the last checkpoint (step {max(kept)}) is kept in {checkpoints.directory}: '
+          f'--allow_config_change resumes from it' if kept else 'no checkpoint was written')
+  return (f'out of memory on {devices[0].device_kind}: batch_size={config.batch_size} over '
+          f'{len(devices)} device(s){seeds}, {slices}; lower batch_size or set a smaller '
+          f'micro_batch_size (e.g. 32: slices of each device\'s batch, one after another); '
+          f'{disk}')
 
 
 def run_devices(config, devices: list | None) -> tuple[list, list]:
@@ -533,6 +571,9 @@ class Training:
       self.handle(pending)  # Waits for the chunk before the one just started.
       pending = started
     self.handle(pending)
+    if self.stop_requested and self.records is not None:  # No chunk ran: nothing written.
+      raise Interrupted(f'{self.stop_requested[0]} before training started: {self.workdir} is '
+                        f'as it was; rerun the same command to start')
     if self.stop_requested:
       if self.checkpointed != self.step:
         self.handle_checkpoint(self.step, self.snapshot())

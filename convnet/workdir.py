@@ -79,6 +79,30 @@ def lock_holder(directory: str) -> str:
   return '(unknown: its .lock file was removed)'
 
 
+class WorkdirError(ValueError):
+  """A --workdir that cannot hold a run; the message says why."""
+
+
+# Room under a workdir for the paths it writes (orbax's checkpoint files are the deepest).
+DEPTH_RESERVE = 512
+
+
+def check_path(workdir: str) -> None:
+  """Refuses a workdir path that cannot hold a run, before anything is written there."""
+  if not workdir:
+    raise WorkdirError('--workdir is empty: give the directory to write the run to')
+  if os.path.islink(workdir) and not os.path.exists(workdir):
+    raise WorkdirError(f'{workdir} is a symbolic link to {os.readlink(workdir)}, which does not '
+                       f'exist: create that directory, or give another --workdir')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'{workdir} is a file, not a directory: give another --workdir')
+  limit = os.pathconf('/', 'PC_PATH_MAX') - DEPTH_RESERVE
+  if len(os.path.abspath(workdir).encode()) > limit:
+    raise WorkdirError(f'--workdir is {len(os.path.abspath(workdir).encode())} bytes long '
+                       f'(as an absolute path): the files under it would pass the system\'s '
+                       f'path limit; use one of at most {limit} bytes')
+
+
 @contextlib.contextmanager
 def claim(workdir: str, enabled: bool = True):
   """The workdir, created if need be and locked for the life of the block.
@@ -90,6 +114,7 @@ def claim(workdir: str, enabled: bool = True):
   if not enabled:
     yield
     return
+  check_path(workdir)
   created = not os.path.exists(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)

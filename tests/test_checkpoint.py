@@ -471,7 +471,9 @@ def test_a_start_that_fails_leaves_the_workdir_as_it_was(smoke_config, tmp_path,
   def out_of_memory(*args, **kwargs):
     raise MemoryError('RESOURCE_EXHAUSTED: out of memory while compiling')
   monkeypatch.setattr(train.parallel, 'compile_now', out_of_memory)
-  with pytest.raises(MemoryError):
+  with pytest.raises(train.OutOfMemory, match=r'out of memory on cpu: batch_size=128 over 2 '
+                                              r'device\(s\), micro_batch_size \(0: .*lower '
+                                              r'batch_size .*; no checkpoint was written'):
     train.train_and_evaluate(smoke_config, str(tmp_path / 'fresh'))
   assert not (tmp_path / 'fresh').exists()
 
@@ -521,3 +523,21 @@ def test_bad_data_or_config_on_an_existing_run_changes_nothing(smoke_config, tmp
   with pytest.raises((config_lib.ConfigError, input_pipeline.DataError)):
     train.train_and_evaluate(smoke_config, str(run_dir))
   assert fingerprint(run_dir) == before
+
+
+def test_sigterm_during_start_up_stops_with_a_line_and_leaves_nothing(smoke_config, tmp_path,
+                                                                      monkeypatch):
+  """SIGTERM while the run starts (here: while it counts the model's FLOPs, before the
+  first step compiles) stops it before training, with the workdir as it was: none."""
+  real = train.training_flops_per_image
+
+  def signalled(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+
+  monkeypatch.setattr(train, 'training_flops_per_image', signalled)
+  with pytest.raises(train.Interrupted, match=r'SIGTERM before training started: .* is as it '
+                                              r'was; rerun the same command to start'):
+    train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  assert os.listdir(tmp_path) == []
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The handler is put back.

@@ -66,6 +66,26 @@ def test_idx_directory_round_trip(tmp_path):
   assert data.train.images.shape == (6, 28, 28, 1) and data.test.labels.shape == (4,)
 
 
+def test_gunzipped_idx_files_read_as_the_gzipped_ones(tmp_path):
+  """`gunzip *.gz` (files without .gz), or a gunzipped file kept under its .gz name."""
+  expected = input_pipeline.load_dataset('idx', make_idx_dir(tmp_path / 'gz'), 'x', 10)
+  directory = make_idx_dir(tmp_path / 'mixed')
+  for name, keep_name in (('train-images-idx3-ubyte.gz', False), ('t10k-labels-idx1-ubyte.gz', True)):
+    path = os.path.join(directory, name)
+    with gzip.open(path, 'rb') as f:
+      raw = f.read()
+    os.remove(path)
+    with open(path if keep_name else path.removesuffix('.gz'), 'wb') as f:
+      f.write(raw)
+  data = input_pipeline.load_dataset('idx', directory, 'x', 10)
+  for got, want in zip(jax.tree_util.tree_leaves(data), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_array_equal(got, want)
+  os.remove(os.path.join(directory, 'train-images-idx3-ubyte'))
+  with pytest.raises(input_pipeline.DataError, match=r'train-images-idx3-ubyte.gz: file not found '
+                                                      r'\(nor train-images-idx3-ubyte, gunzipped\)'):
+    input_pipeline.load_dataset('idx', directory, 'x', 10)
+
+
 def test_wrong_magic_number_names_the_file(tmp_path):
   directory = make_idx_dir(tmp_path)
   path = os.path.join(directory, 'train-images-idx3-ubyte.gz')

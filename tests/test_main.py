@@ -180,3 +180,45 @@ def test_every_shipped_config_is_valid_and_its_model_fits_mnist(name):
   config_lib.check_shapes(model.blocks, (28, 28, 1))
   assert shapes.feature_shapes(model.blocks, (28, 28, 1))[-1][0] >= 1
   assert config.model.ops == 'auto'  # Every shipped config lets the device pick the kernels.
+
+
+SWEEP = (sys.executable, '-m', 'convnet.sweep', '--config', 'experiments/filters_kernel.py')
+LONG = '/'.join(['x' * 200] * 19)
+ONE_LINE_CASES = {  # case: (command (WORKDIR: the workdir), environment, the error line).
+    'empty_workdir': (main_command(''), {}, 'error: --workdir is empty: give the directory'),
+    'workdir_is_a_file': (main_command('WORKDIR/file'), {},
+                          'error: WORKDIR/file is a file, not a directory'),
+    'workdir_is_a_dangling_symlink': (
+        main_command('WORKDIR/link'), {},
+        'error: WORKDIR/link is a symbolic link to WORKDIR/nowhere, which does not exist'),
+    'workdir_path_too_long': (main_command(f'WORKDIR/{LONG}'), {}, 'error: --workdir is '),
+    'jax_num_processes_not_a_number': (
+        main_command('WORKDIR/run', '--coordinator_address=localhost:1'),
+        {'JAX_NUM_PROCESSES': 'abc'}, "error: $JAX_NUM_PROCESSES='abc' is not an integer"),
+    'jax_platforms_without_its_accelerator': (
+        main_command('WORKDIR/run'), {'JAX_PLATFORMS': 'cuda'},
+        "error: JAX could not start (no backend started); JAX_PLATFORMS='cuda' asks for"),
+    'partial_slurm_job': (
+        main_command('WORKDIR/run'), {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'},
+        'error: SLURM job 7 has 4 tasks but SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID '
+        'not set: start one process per task with srun'),
+    'partial_slurm_array': (
+        [*SWEEP, '--workdir', 'WORKDIR/run'], {'SLURM_ARRAY_TASK_ID': '3'},
+        'error: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: give '
+        '--num_workers and --worker_index'),
+}
+
+
+@pytest.mark.parametrize('case', ONE_LINE_CASES)
+def test_a_bad_workdir_or_environment_is_one_line_and_writes_nothing(tmp_path, case):
+  command, environment, line = ONE_LINE_CASES[case]
+  (tmp_path / 'file').write_text('a file')
+  (tmp_path / 'link').symlink_to(tmp_path / 'nowhere')
+  before = sorted(os.listdir(tmp_path))
+  done = subprocess.run([part.replace('WORKDIR', str(tmp_path)) for part in command], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, **environment})
+  assert done.returncode == 1
+  assert done.stderr.strip().startswith(line.replace('WORKDIR', str(tmp_path))), done.stderr
+  assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+  assert sorted(os.listdir(tmp_path)) == before
