@@ -3,9 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 WORKDIR ?= runs/default
 
+# What running needs; the tests add the [dev] extra (TensorFlow among it) on top.
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+$(VENV)/installed-dev: $(VENV)/installed
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	touch $@
 
@@ -15,5 +20,5 @@ run: $(VENV)/installed  ## Train configs/default.py on MNIST; prints the test ac
 
 # Test files run in parallel processes (a file's tests share one process and its trained
 # fixtures); each process sees 2 fake CPU devices.
-test: $(VENV)/installed  ## The test suite (offline; 2 fake CPU devices).
+test: $(VENV)/installed-dev  ## The test suite (offline; 2 fake CPU devices).
 	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile

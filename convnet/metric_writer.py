@@ -10,6 +10,7 @@ gaps), so writing them costs no plotting. The tqdm bar shows the current epoch o
 terminal and stays silent otherwise.
 """
 
+import json
 import os
 import sys
 
@@ -98,15 +99,37 @@ class MetricWriter:
       self.summary.add_image(f'feature_maps/{name.replace(" ", "_")}', map_grid(fmap), step,
                              dataformats='HW')
     self.summary.add_image('eval/confusion_matrix', heatmap(confusion), step, dataformats='HWC')
-    plain = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-             for key, value in config_lib.flatten(hparams).items()}  # What the plugin takes.
-    self.summary.add_hparams(plain, {f'hparams/{k}': v for k, v in metrics.items()},
-                             name='hparams', global_step=step)
+    # Into the run's own event file (tensorboardX's add_hparams would make a second run).
+    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
+    metrics = {f'hparams/{k}': v for k, v in metrics.items()}
+    for part in summary.hparams(hparam_values(hparams), metrics):
+      self.summary.file_writer.add_summary(part)
+    for tag, value in metrics.items():
+      self.summary.add_scalar(tag, value, step)
 
   def close(self) -> None:
     self.end_epoch()
     if self._summary is not None:
       self._summary.close()
+
+
+# Keys that change how a run is written or watched, not what it computes: left out of
+# TensorBoard's HParams table (workdir.RESUMABLE_CHANGES minus the kernels and dtype).
+NOT_HPARAMS = tuple(k for k in workdir_lib.RESUMABLE_CHANGES
+                    if k not in ('model.ops', 'model.layout', 'model.dtype')) + ('eval_batch_size',)
+
+
+def hparam_values(config: dict) -> dict:
+  """The flattened config as the HParams plugin takes it (a bool, number or string per
+  key): a one-block tuple as its value, a longer one as a JSON list such as [32, 64]."""
+  values = {}
+  for key, value in config_lib.flatten(config).items():
+    if key in NOT_HPARAMS:
+      continue
+    if isinstance(value, (tuple, list)):
+      value = value[0] if len(value) == 1 else json.dumps(list(value))
+    values[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+  return values
 
 
 def upscale(images: np.ndarray, cell: int) -> np.ndarray:

@@ -216,7 +216,7 @@ def main(argv):
   sweep_dir = flags.FLAGS.workdir
   try:
     rows = collect(sweep_dir)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, workdir_lib.RecordError) as e:
     sys.exit(f'error: {e}')
   paths = write(sweep_dir, rows)
   print(markdown_table(rows))

@@ -10,6 +10,7 @@ round trip per step; the host reads each chunk's metrics after starting the next
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -813,6 +814,13 @@ def summary_line(results: dict, workdir: str) -> str:
     accuracy += f' ± {100 * results["test_accuracy_std"]:.2f} over {results["num_seeds"]} seeds'
   minutes, seconds = divmod(round(results['wall_time_s']), 60)
   return (f'done: test accuracy {accuracy} in {minutes} min {seconds} s; results '
-          f'{os.path.join(workdir, "results.json")}; TensorBoard: tensorboard --logdir '
-          f'{os.path.join(workdir, "tensorboard")}; figures: python -m convnet.visualize '
-          f'--workdir {workdir}')
+          f'{os.path.join(workdir, "results.json")}; TensorBoard: {venv_command("tensorboard")} '
+          f'--logdir {os.path.join(workdir, "tensorboard")}; figures: {venv_command("python")} '
+          f'-m convnet.visualize --workdir {workdir}')
+
+
+def venv_command(name: str) -> str:
+  """`name` as the user can type it: this Python's own (its venv's) unless `name` already
+  finds it on PATH."""
+  path = os.path.join(os.path.dirname(sys.executable), name)
+  return name if not os.path.exists(path) or shutil.which(name) == path else path

@@ -17,7 +17,7 @@ def run_main(workdir, *overrides):
                         text=True, timeout=300)
 
 
-def test_cli_trains_and_writes_every_output(tmp_path):
+def test_cli_trains_and_writes_every_output(tmp_path, mnist):
   overrides = ('--config.data.num_train=512', '--config.model.filters=8',
                '--config.model.kernel_size=5', '--config.log_every_steps=2')
   done = run_main(tmp_path / 'run', *overrides)
@@ -30,6 +30,10 @@ def test_cli_trains_and_writes_every_output(tmp_path):
   assert summary.startswith('done: test accuracy ')
   assert os.path.isfile(results_path) and os.path.isdir(tensorboard_dir)
   assert summary.endswith(f'python -m convnet.visualize --workdir {tmp_path / "run"}')
+  # The TensorBoard command it prints works in this venv (--inspect: no server).
+  tensorboard = summary.split('TensorBoard: ')[1].split(';')[0].split()
+  shown = subprocess.run([*tensorboard, '--inspect'], capture_output=True, text=True, timeout=120)
+  assert shown.returncode == 0 and 'scalars' in shown.stdout, shown.stderr
   files = sorted(os.listdir(tmp_path / 'run'))
   assert files == ['checkpoints', 'config.json', 'data.json', 'metrics.jsonl', 'results.json',
                    'tensorboard']
@@ -47,8 +51,9 @@ def test_cli_trains_and_writes_every_output(tmp_path):
   with open(tmp_path / 'run' / 'data.json') as f:
     data = json.load(f)  # What predict and visualize need, and what was trained on.
   assert data['image_shape'] == [28, 28, 1] and data['num_classes'] == 10
-  assert data['mean'] == pytest.approx([0.1307], abs=1e-4)  # MNIST's, one per channel
-  assert data['std'] == pytest.approx([0.3081], abs=1e-4)
+  pixels = mnist.train.images[:512] / 255  # The statistics of the images trained on.
+  assert data['mean'] == pytest.approx([pixels.mean()], abs=1e-12)
+  assert data['std'] == pytest.approx([pixels.std()], abs=1e-12)
   assert data['train']['count'] == 512 and data['test']['count'] == 10000
   assert len(data['train']['sha256']) == 64 and data['train']['sha256'] != data['test']['sha256']
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
@@ -202,6 +207,9 @@ ONE_LINE_CASES = {  # case: (command (WORKDIR: the workdir), environment, the er
         main_command('WORKDIR/run'), {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'},
         'error: SLURM job 7 has 4 tasks but SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID '
         'not set: start one process per task with srun'),
+    'damaged_sweep_json': (
+        [sys.executable, '-m', 'convnet.report', '--workdir', 'WORKDIR/sweep'], {},
+        'error: WORKDIR/sweep/sweep.json: not valid JSON'),
     'partial_slurm_array': (
         [*SWEEP, '--workdir', 'WORKDIR/run'], {'SLURM_ARRAY_TASK_ID': '3'},
         'error: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: give '
@@ -214,6 +222,8 @@ def test_a_bad_workdir_or_environment_is_one_line_and_writes_nothing(tmp_path, c
   command, environment, line = ONE_LINE_CASES[case]
   (tmp_path / 'file').write_text('a file')
   (tmp_path / 'link').symlink_to(tmp_path / 'nowhere')
+  (tmp_path / 'sweep').mkdir()
+  (tmp_path / 'sweep' / 'sweep.json').write_text('[{"name": ')  # Damaged.
   before = sorted(os.listdir(tmp_path))
   done = subprocess.run([part.replace('WORKDIR', str(tmp_path)) for part in command], cwd=REPO,
                         capture_output=True, text=True, timeout=120,

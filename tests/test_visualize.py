@@ -165,13 +165,19 @@ def test_tensorboard_holds_scalars_filter_grids_end_images_and_hparams(trained_r
   expected = metric_writer.heatmap(visualize.confusion_matrix(mnist.test.labels, predictions, 10))
   assert (step, image.shape) == (128, (249, 249, 3))
   np.testing.assert_allclose(image / 255, expected, atol=1.5 / 255)
-  # The hparams plugin: the flattened config at the start, the final metrics at the end.
+  # The hparams plugin, in the run's own event file (one run in TensorBoard): the config
+  # keys that change results at the start, the final metrics at the end.
+  assert [p.parent for p in (trained_run / 'tensorboard').rglob('events.out.tfevents.*')] == [
+      trained_run / 'tensorboard']
   [(_, start)] = events['_hparams_/session_start_info']
   hparams = start.session_start_info.hparams
   assert hparams['num_epochs'].number_value == 2
-  assert hparams['model.pool'].string_value == "('max',)"  # Per-block tuples as text.
+  assert hparams['model.pool'].string_value == 'max'  # A one-block tuple: its value.
   assert hparams['data.num_train'].number_value == 8192
-  assert hparams['model.filters'].string_value == '(32,)'
+  assert hparams['model.filters'].number_value == 32
+  assert 'log_every_steps' not in hparams and 'progress' not in hparams
+  assert metric_writer.hparam_values({'model': {'filters': (32, 64)}}) == {
+      'model.filters': '[32, 64]'}
   results = json.loads((trained_run / 'results.json').read_text())
   assert events['hparams/test_accuracy'] == [(128, pytest.approx(results['test_accuracy']))]
   [(_, experiment)] = events['_hparams_/experiment']
