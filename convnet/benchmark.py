@@ -350,13 +350,13 @@ if __name__ == '__main__':
   CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.',
                                            lock_config=True)
   MODE = flags.DEFINE_string('mode', 'train', 'What to measure: train | seeds | '
-                             'time_to_accuracy.')
+                             'time_to_accuracy; or table: print the table of --table_from.')
   TARGET = flags.DEFINE_float('target', 0.99, 'time_to_accuracy: the test accuracy to reach.')
   STEPS = flags.DEFINE_integer('steps', 100, 'train: steps per timed repeat.', lower_bound=1)
   REPEATS = flags.DEFINE_integer(
-      'repeats', 15, 'train: timed rounds, one repeat of each trainer per round. This '
-      "machine has slow phases of a few seconds; with few rounds, repeats caught in one "
-      'decide the median (docs/performance.md).', lower_bound=1)
+      'repeats', 15, 'train: timed rounds, one repeat of each trainer per round. Shared '
+      'and cloud machines have slow phases of a few seconds; with few rounds, repeats '
+      'caught in one decide the median.', lower_bound=1)
   PEERS = flags.DEFINE_bool('peers', True, 'train: also time tf.keras and PyTorch if installed.')
   NUM_SEEDS = flags.DEFINE_integer('num_seeds', 2, 'seeds mode: how many seeds.')
   JSON = flags.DEFINE_string('json', '', 'Also write the result to this JSON file.')

@@ -10,9 +10,11 @@ gaps), so writing them costs no plotting. The tqdm bar shows the current epoch o
 terminal and stays silent otherwise.
 """
 
+import contextlib
 import json
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -22,6 +24,32 @@ from convnet import workdir as workdir_lib
 TRAIN_SCALARS = {'train_loss': 'train/loss', 'train_accuracy': 'train/accuracy',
                  'learning_rate': 'learning_rate', 'images_per_s': 'images_per_s'}
 TEST_SCALARS = {'test_loss': 'eval/loss', 'test_accuracy': 'eval/accuracy'}
+
+
+_THREAD = threading.local()  # .prefix: what this thread's lines start with (a sweep point's).
+
+
+def print_line(text: str) -> None:
+  """One line to stdout in one write: lines of points training at once (a sweep's
+  threads) never run into each other, as print's separate newline lets them; each starts
+  with its thread's `line_prefix`."""
+  sys.stdout.write(getattr(_THREAD, 'prefix', '') + text + '\n')
+  sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def line_prefix(prefix: str):
+  """This thread's lines start with `prefix` inside the block (a sweep names its point)."""
+  _THREAD.prefix = prefix
+  try:
+    yield
+  finally:
+    _THREAD.prefix = ''
+
+
+def in_labelled_lines() -> bool:
+  """Whether this thread's lines carry a prefix: a run inside a sweep, which says less."""
+  return bool(getattr(_THREAD, 'prefix', ''))
 
 
 class MetricWriter:
@@ -72,9 +100,8 @@ class MetricWriter:
       return
     if self.bar is not None:
       self.bar.write(text)
-    else:  # One write: lines of points training at once (sweep threads) stay whole.
-      sys.stdout.write(text + '\n')
-      sys.stdout.flush()
+    else:
+      print_line(text)
 
   def end_epoch(self) -> None:
     if self.bar is not None:

@@ -8,6 +8,7 @@ keys), accuracy_vs_params.png and curves.png. Points whose only difference is
 `seed` are pooled into one row. Unfinished points are listed as pending.
 """
 
+import ast
 import csv
 import io
 import os
@@ -84,7 +85,7 @@ def _cell(key: str, value) -> str:
 def markdown_table(rows: list[dict]) -> str:
   keys = swept_keys(rows)
   header = keys + ['test accuracy % (mean ± std)', 'seeds', 'test loss', 'params',
-                   'FLOPs/image (train)', 'train images/s', 'wall time s', 'status']
+                   'FLOPs/image (train)', 'train images/s (all seeds)', 'wall time s', 'status']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows:
     accuracy = _cell('test_accuracy', row['test_accuracy'])
@@ -113,18 +114,20 @@ def _numeric(values) -> list:
 
 
 def plot_heatmap(path: str, rows: list[dict]) -> bool:
-  """Test accuracy over the first two swept keys; False if there are not two."""
+  """Test accuracy over the first two swept keys; False (nothing drawn) unless the sweep
+  has every combination of their values: a zipped sweep's would be mostly empty."""
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   keys = swept_keys(rows)
   if len(keys) < 2:
     return False
   x_key, y_key = keys[1], keys[0]
-  xs = sorted(set(map(str, _numeric(r[x_key] for r in rows))), key=_sort_key)
-  ys = sorted(set(map(str, _numeric(r[y_key] for r in rows))), key=_sort_key)
+  cells = [(repr(_numeric([r[x_key]])[0]), repr(_numeric([r[y_key]])[0])) for r in rows]
+  xs, ys = (sorted({cell[i] for cell in cells}, key=_sort_key) for i in (0, 1))
+  if len(set(cells)) < len(xs) * len(ys):
+    return False
   grid = np.full((len(ys), len(xs)), np.nan)
-  for row in rows:
+  for row, (x, y) in zip(rows, cells):
     if row['test_accuracy'] is not None:
-      x, y = (str(_numeric([row[k]])[0]) for k in (x_key, y_key))
       grid[ys.index(y), xs.index(x)] = 100 * row['test_accuracy']
   fig, ax = plt.subplots(figsize=(1.3 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
   image = ax.imshow(grid, cmap='viridis', aspect='auto')
@@ -132,8 +135,8 @@ def plot_heatmap(path: str, rows: list[dict]) -> bool:
     if np.isfinite(value):
       ax.text(j, i, f'{value:.2f}', ha='center', va='center',
               color='white' if value < np.nanmean(grid) else 'black')
-  ax.set_xticks(range(len(xs)), xs)
-  ax.set_yticks(range(len(ys)), ys)
+  ax.set_xticks(range(len(xs)), [_tick(x) for x in xs])
+  ax.set_yticks(range(len(ys)), [_tick(y) for y in ys])
   ax.set_xlabel(x_key)
   ax.set_ylabel(y_key)
   ax.set_title('MNIST test accuracy % (mean over seeds)')
@@ -145,10 +148,19 @@ def plot_heatmap(path: str, rows: list[dict]) -> bool:
 
 
 def _sort_key(text: str):
-  try:
-    return (0, float(text))
-  except ValueError:
-    return (1, text)
+  """Values (as repr) in their natural order: numbers, then lists by their numbers, then
+  the rest as text; never 16 before 8."""
+  value = ast.literal_eval(text)
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return (0, (value,), '')
+  if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+    return (1, tuple(value), '')
+  return (2, (), str(value))
+
+
+def _tick(text: str) -> str:
+  value = ast.literal_eval(text)
+  return str(value) if not isinstance(value, str) else value
 
 
 def _label(row: dict) -> str:

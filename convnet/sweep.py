@@ -34,7 +34,7 @@ import threading
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convnet import config_lib, parallel, report, train, workdir
+from convnet import config_lib, metric_writer, parallel, report, train, workdir
 
 SWEEP_FILE = 'sweep.json'
 BASE_FILE = 'base_config.json'
@@ -254,11 +254,14 @@ def train_points(todo: list[tuple[int, int, str, object]], sweep_dir: str, slots
     devices = free.get()
     try:
       where = f' on {devices[0]}' if devices else ''
-      train.print_line(f'== point {index + 1} of {count}{where}: {name}')
-      train.train_and_evaluate(config, os.path.join(sweep_dir, name), devices=devices,
-                               stop_requested=stop_requested)
+      metric_writer.print_line(f'== point {index + 1} of {count}{where}: {name}')
+      with metric_writer.line_prefix(f'[point {index + 1}] '):
+        results = train.train_and_evaluate(config, os.path.join(sweep_dir, name),
+                                           devices=devices, stop_requested=stop_requested)
+      metric_writer.print_line(f'== point {index + 1} of {count} done: {name}: '
+                               + train.summary_line(results))
     except workdir.LockedError as e:  # Another worker's share overlaps this one's.
-      train.print_line(f'== point {index + 1} of {count} skipped: {e}')
+      metric_writer.print_line(f'== point {index + 1} of {count} skipped: {e}')
     except BaseException:
       failed.set()
       raise

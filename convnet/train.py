@@ -274,14 +274,6 @@ def seed_summary(record: dict, name: str, per_seed) -> dict:
   return record
 
 
-def print_line(text: str, flush: bool = True) -> None:
-  """One line to stdout in one write: lines of points training at once (a sweep's
-  threads) never run into each other, as print's separate newline lets them."""
-  sys.stdout.write(text + '\n')
-  if flush:
-    sys.stdout.flush()
-
-
 class Interrupted(Exception):
   """SIGTERM or SIGINT arrived; a checkpoint was saved and rerunning resumes."""
 
@@ -422,8 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         config=config, workdir=workdir, data=data, devices=devices, local_devices=local_devices,
         steps_per_epoch=steps_per_epoch, allow_config_change=allow_config_change,
         stop_requested=stop_requested, run_start=run_start)
-  if parallel.is_writer():
-    print_line(summary_line(results, workdir))
+  if parallel.is_writer() and not metric_writer.in_labelled_lines():  # A sweep says its own.
+    metric_writer.print_line(summary_line(results, workdir))
   return results
 
 
@@ -527,7 +519,7 @@ class Training:
     self.steps_per_epoch, self.records = steps_per_epoch, records
     self.checkpoints, self.out, self.stop_requested = checkpoints, out, stop_requested
     self.run_start, self.writer = run_start, parallel.is_writer()
-    self.log = print_line if self.writer else lambda *args, **kwargs: None
+    self.log = metric_writer.print_line if self.writer else lambda text: None
     image_shape = data.train.images.shape[1:]
     self.model, self.learning_rate_fn, state, data_keys, dropout_keys = init_run(
         config, image_shape, steps_per_epoch)
@@ -541,12 +533,13 @@ class Training:
       self.train_time, self.earlier_wall_time = times['train_s'], times['wall_s']
       self.log(f'resuming {workdir} from its checkpoint at step {step}')
     self.step = self.saved = self.checkpointed = self.resumed_at = int(state.step[0])
-    self.log(f'{self.num_params:,} parameters, {self.flops_per_image / 1e6:.1f} MFLOP per '
-             f'training image; {self.model.ops.backend} kernels (model.ops='
-             f'{config.model.ops!r}); feature maps '
-             f'{shapes.feature_shapes(self.model.blocks, image_shape)}; {config.num_seeds} '
-             f'seed(s); {len(devices)} x {devices[0].device_kind} in {jax.process_count()} '
-             f'process(es)')
+    if not metric_writer.in_labelled_lines():  # A sweep's table has these.
+      self.log(f'{self.num_params:,} parameters, {self.flops_per_image / 1e6:.1f} MFLOP per '
+               f'training image; {self.model.ops.backend} kernels (model.ops='
+               f'{config.model.ops!r}); feature maps '
+               f'{shapes.feature_shapes(self.model.blocks, image_shape)}; {config.num_seeds} '
+               f'seed(s); {len(devices)} x {devices[0].device_kind} in {jax.process_count()} '
+               f'process(es)')
     # The state and keys live on every device, as the parallel functions return them, so
     # each compiled function sees one sharding whether the state is new or restored.
     self.state, self.data_keys, self.dropout_keys = jax.device_put(
@@ -612,7 +605,8 @@ class Training:
     """The compiled program running num_steps training steps (two lengths at most)."""
     if num_steps not in self.chunks:
       start = time.time()
-      self.out.note(f'compiling the training step ({num_steps} steps per call)...')
+      if not metric_writer.in_labelled_lines():
+        self.out.note(f'compiling the training step ({num_steps} steps per call)...')
       config = self.config
       self.chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
           num_steps, self.steps_per_epoch, config.batch_size, self.data.mean, self.data.std,
@@ -681,8 +675,8 @@ class Training:
     self.log(f'epoch {step // self.steps_per_epoch}/{self.config.num_epochs}: train loss '
              f'{losses.mean():.4f} accuracy {accuracies.mean():.4f} | test loss '
              f'{self.test["test_loss"]:.4f} accuracy {self.test["test_accuracy"]:.4f} | '
-             f'{losses.size * self.config.batch_size / self.epoch_time:,.0f} images/s, '
-             f'{self.epoch_time:.1f}s')
+             f'{losses.size * self.config.batch_size / self.epoch_time:,.0f} images/s'
+             f'{seeds_counted(self.config.num_seeds)}, {self.epoch_time:.1f}s')
     self.epoch_metrics, self.epoch_time = [], 0.0
 
   def test_record(self, step: int, sums) -> tuple[dict, np.ndarray]:
@@ -773,7 +767,7 @@ class Profile:
       jax.profiler.stop_trace()
       self.tracing = False
       log(f'profile of {self.traced} training steps in {self.directory}/plugins/profile: '
-          f"TensorBoard's Profile tab", flush=True)
+          f"TensorBoard's Profile tab")
 
 
 def divergence(losses: np.ndarray, step: int, factor: float, num_classes: int) -> str | None:
@@ -807,16 +801,24 @@ def divergence_advice(last_saved: int, started: bool, learning_rate: float) -> s
 FINAL_METRICS = ('test_accuracy', 'test_loss', 'test_accuracy_std', 'train_images_per_s')
 
 
-def summary_line(results: dict, workdir: str) -> str:
-  """The run's last line: its result, its time, and where everything is."""
+def summary_line(results: dict, workdir: str | None = None) -> str:
+  """The run's last line: its result, its time, and where everything is in `workdir`
+  (without one, as a sweep says it: result and time only)."""
   accuracy = f'{100 * results["test_accuracy"]:.2f}%'
   if 'test_accuracy_std' in results:
     accuracy += f' ± {100 * results["test_accuracy_std"]:.2f} over {results["num_seeds"]} seeds'
   minutes, seconds = divmod(round(results['wall_time_s']), 60)
-  return (f'done: test accuracy {accuracy} in {minutes} min {seconds} s; results '
-          f'{os.path.join(workdir, "results.json")}; TensorBoard: {venv_command("tensorboard")} '
-          f'--logdir {os.path.join(workdir, "tensorboard")}; figures: {venv_command("python")} '
-          f'-m convnet.visualize --workdir {workdir}')
+  line = f'test accuracy {accuracy} in {minutes} min {seconds} s'
+  if workdir is None:
+    return line
+  return (f'done: {line}; results {os.path.join(workdir, "results.json")}; TensorBoard: '
+          f'{venv_command("tensorboard")} --logdir {os.path.join(workdir, "tensorboard")}; '
+          f'figures: {venv_command("python")} -m convnet.visualize --workdir {workdir}')
+
+
+def seeds_counted(num_seeds: int) -> str:
+  """Said after an images/s figure: with several seeds it counts every seed's images."""
+  return f' (all {num_seeds} seeds)' if num_seeds > 1 else ''
 
 
 def venv_command(name: str) -> str:

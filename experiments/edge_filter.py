@@ -1,6 +1,6 @@
 """The lesson's demonstration on real digits: hand-made edge filters, then 2x2 max pooling.
 
-    python -m experiments.edge_filter --out docs/figures/edge_filter.png
+    python -m experiments.edge_filter [--out runs/figures/edge_filter.png]
 
 A 3x3 vertical-line filter (-1 2 -1 in every row) and its transpose, the
 horizontal-line filter, run through the project's own ConvBlock (SAME
@@ -14,7 +14,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from configs import default
 from convnet import input_pipeline, models, visualize
@@ -44,6 +44,7 @@ def edge_filter_figure(path: str, images: np.ndarray) -> str:
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # JAX logs each backend it looks for at INFO.
   data = input_pipeline.load_dataset('idx', input_pipeline.SHIPPED_MNIST, 'mnist', 10)
   digits = data.test.images[[int(np.flatnonzero(data.test.labels == d)[0]) for d in (1, 4, 7, 0)]]
   os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
@@ -51,5 +52,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('out', 'edge_filter.png', 'Where to write the PNG.')
+  flags.DEFINE_string('out', 'runs/figures/edge_filter.png', 'Where to write the PNG.')
   app.run(main)

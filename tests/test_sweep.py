@@ -245,3 +245,22 @@ def test_a_point_another_worker_is_training_is_skipped_and_left_pending(smoke_co
   assert [r['status'] for r in rows] == ['done', 'pending']
   assert f'== point 2 of 2 skipped: {busy} is in use by process {os.getpid()}' in (
       capsys.readouterr().out)
+
+
+def test_the_heatmap_orders_values_as_numbers_and_skips_a_zipped_sweep(tmp_path, monkeypatch):
+  def rows(points):
+    return [{'model.num_blocks': blocks, 'model.filters': filters, 'test_accuracy': 0.9,
+             **{k: None for k in report.COLUMNS if k != 'test_accuracy'}}
+            for blocks, filters in points]
+
+  drawn = {}
+  monkeypatch.setattr('matplotlib.axes.Axes.set_xticks',
+                      lambda self, ticks, labels: drawn.update(x=list(labels)))
+  monkeypatch.setattr('matplotlib.axes.Axes.set_yticks',
+                      lambda self, ticks, labels: drawn.update(y=list(labels)))
+  grid = rows([(b, f) for b in (2, 1) for f in ([16, 32], [8, 16], [128, 256])])
+  assert report.plot_heatmap(str(tmp_path / 'grid.png'), grid)
+  assert drawn == {'x': ['[8, 16]', '[16, 32]', '[128, 256]'], 'y': ['1', '2']}
+  zipped = rows([(1, [32]), (2, [32, 64]), (3, [32, 64, 128])])  # sweep.zipped: a diagonal.
+  assert not report.plot_heatmap(str(tmp_path / 'zipped.png'), zipped)
+  assert not (tmp_path / 'zipped.png').exists()
