@@ -171,7 +171,23 @@ def _describe(tree) -> list[tuple[str, tuple, str]]:
 def restore_latest(checkpoints: ocp.CheckpointManager, target, read_only: bool = False):
   """(tree like target, step) from the newest intact checkpoint, or None if none exist.
 
-  Damaged newer ones are moved to checkpoints.damaged/ unless `read_only`."""
+  Damaged newer ones are moved to checkpoints.damaged/ unless `read_only`. A checkpoint
+  that a run still training removes while it is read (keep_checkpoints) is not damaged:
+  the newest is looked for again."""
+  for _ in range(10):
+    try:
+      return _restore_newest(checkpoints, target, read_only)
+    except _Removed:
+      checkpoints.reload()
+  raise CheckpointError(f'the checkpoints in {checkpoints.directory} kept being replaced while '
+                        f'read: try again, or after the run writing them stops')
+
+
+class _Removed(Exception):
+  """The checkpoint being read was removed meanwhile (by the run that wrote it)."""
+
+
+def _restore_newest(checkpoints: ocp.CheckpointManager, target, read_only: bool):
   directory = str(checkpoints.directory)
   steps = sorted(checkpoints.all_steps(), reverse=True)
   if not steps:
@@ -183,6 +199,8 @@ def restore_latest(checkpoints: ocp.CheckpointManager, target, read_only: bool =
     path = os.path.join(directory, str(step))
     damage = verify(path)
     stored = None if damage else _stored(path)
+    if not os.path.isdir(path):
+      raise _Removed(path)
     if stored is not None and stored != sorted(expected):  # Checked before orbax reads it:
       raise _other_model(path, stored, expected)  # a failed read leaves threads that print.
     if damage is None:
@@ -190,6 +208,8 @@ def restore_latest(checkpoints: ocp.CheckpointManager, target, read_only: bool =
         restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
         damage = str(e).splitlines()[0][:300]
+    if damage is not None and not os.path.isdir(path):
+      raise _Removed(path)
     if damage is not None:
       errors.append(f'{path}: {damage}')
       print(f'warning: checkpoint {path} is damaged ({damage}); trying the one before it',

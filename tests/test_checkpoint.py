@@ -541,3 +541,24 @@ def test_sigterm_during_start_up_stops_with_a_line_and_leaves_nothing(smoke_conf
     train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
   assert os.listdir(tmp_path) == []
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # The handler is put back.
+
+
+def test_predict_while_a_run_replaces_its_checkpoint_reads_the_new_one(tmp_path, crashed_runs,
+                                                                       monkeypatch, capfd):
+  """keep_checkpoints=1: the run saves step 48 and removes step 16 while predict reads 16.
+  That is no damage: predict reads 48, warns of nothing and moves nothing."""
+  run_dir, _ = copy_of(crashed_runs, 1, tmp_path)
+  checkpoints = run_dir / 'checkpoints'
+  real_verify = checkpoint.verify
+
+  def replaced_while_read(path):
+    if path.endswith('/16'):
+      shutil.copytree(checkpoints / '16', checkpoints / '48')
+      shutil.rmtree(checkpoints / '16')
+    return real_verify(path)
+
+  monkeypatch.setattr(checkpoint, 'verify', replaced_while_read)
+  trained = inference.Trained(str(run_dir))
+  assert trained.step == 48
+  assert 'damaged' not in capfd.readouterr().err
+  assert sorted(os.listdir(checkpoints)) == ['48'] and not (run_dir / 'checkpoints.damaged').exists()

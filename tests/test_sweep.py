@@ -139,8 +139,12 @@ def test_points_at_once_each_train_on_a_device_of_their_own_as_they_would_alone(
   assert done.returncode == 0, done.stderr
   assert '4 points, 4 for worker 0 of 1, 0 already done; 4 at once, each on one device of 4' in (
       done.stdout)
-  starts = [line for line in done.stdout.splitlines() if line.startswith('== point ')]
+  lines = done.stdout.splitlines()
+  starts = [line for line in lines if line.startswith('== point ') and ' on ' in line]
   assert len(starts) == 4 and len({line.split(' on ')[1].split(': ')[0] for line in starts}) == 4
+  # Per point: its start, its epoch line (marked with the point) and its result.
+  assert len([line for line in lines if line.startswith('[point ')]) == 4
+  assert len([line for line in lines if ' done: model.filters=' in line]) == 4
   spec = importlib.util.spec_from_file_location('four', experiment)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
