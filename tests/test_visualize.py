@@ -481,6 +481,7 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path):
                       for o in cell.outputs)
   assert 'test_accuracy' in outputs and 'model.filters | model.kernel_size' in outputs
   assert f'convnet from {REPO}' in outputs and 'kernels: cpu' in outputs
+  assert 'cpu kernels; configs/default.py:smoke: 1 epoch(s) of 2,048 digits' in outputs
   [run_dir] = tmp_path.glob('default-*')  # A new directory per run of the cell.
   assert (run_dir / 'figures' / 'feature_maps.png').exists()
   assert (tmp_path / 'sweep' / 'heatmap.png').exists()
