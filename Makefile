@@ -10,8 +10,12 @@ $(VENV)/installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e .
 	touch $@
 
+# The tests also run the benchmark's PyTorch peer: a CPU build of torch, never a CUDA one
+# (from the package index when it serves one, else from PyTorch's CPU index).
 $(VENV)/installed-dev: $(VENV)/installed
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet "torch==2.13.0+cpu" || \
+	  $(VENV)/bin/pip install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 	touch $@
 
 .PHONY: run test

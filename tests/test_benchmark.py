@@ -1,18 +1,20 @@
-"""The benchmark command in smoke mode (it runs, prints its table, writes every field), and
-how it times its trainers."""
+"""The benchmark command in smoke mode (it runs, prints its table, writes every field), how
+it times its trainers, and its peers (tf.keras, PyTorch) training the same model."""
 
 import glob
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from configs import default
 from conftest import REPO
-from convnet import benchmark, peers
+from convnet import benchmark, models, peers, train
 
 
 def run_benchmark(*flags, timeout=600):
@@ -130,3 +132,19 @@ def test_peak_rss_is_the_benchmark_process_own_not_its_parent():
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
                         text=True, timeout=120, check=True)
   assert float(proc.stdout) < 1000 < ballast.nbytes / 2**20
+
+
+@pytest.mark.parametrize('name', ['keras_convnet', 'default'])
+def test_each_peer_builds_the_same_model_and_trains_it(mnist, name):
+  """tf.keras and PyTorch (a CPU build; `make test` installs both) build the config's
+  model with our parameter count, and each times a few real training steps."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+  runs, skipped = peers.trainers(config, mnist, steps=3)
+  assert skipped == {} and sorted(runs) == sorted(peers.NAMES)
+  for peer, repeat in runs.items():
+    assert repeat() > 0, peer
+  model = train.build_model(config.model, axis_name=None)
+  ours = models.count_params(model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32),
+                                        train=False)['params'])
+  assert peers.keras_model(config).count_params() == ours
+  assert sum(p.numel() for p in peers.torch_model(config).parameters()) == ours
