@@ -72,8 +72,12 @@ POOLS: dict[str, Pool] = {
 }
 
 
-def register_pool(name: str, pool: Pool) -> None:
-  """Adds a pooling type that configs can name (model.pool); refuses one without a size rule."""
+def register_pool(name: str, pool: Pool, replace: bool = False) -> None:
+  """Adds a pooling type that configs can name (model.pool); refuses one without a size
+  rule, and a name already taken unless `replace` (so no pool is overwritten by mistake)."""
+  if name in POOLS and not replace:
+    raise ValueError(f'pool {name!r} is already registered; register_pool(..., replace=True) '
+                     f'replaces it')
   if not callable(getattr(pool, 'apply', None)):
     raise ValueError(f'pool {name!r}: apply(x, window, stride) is missing')
   if not callable(getattr(pool, 'output_size', None)):

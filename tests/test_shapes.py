@@ -133,11 +133,15 @@ EXTRA_POOLS = {
 
 @pytest.fixture
 def extra_pools():
-  for name, pool in EXTRA_POOLS.items():
-    shapes.register_pool(name, pool)
-  yield
-  for name in EXTRA_POOLS:
-    del shapes.POOLS[name]
+  """EXTRA_POOLS registered; afterwards shapes.POOLS exactly as it was found."""
+  found = dict(shapes.POOLS)
+  try:
+    for name, pool in EXTRA_POOLS.items():
+      shapes.register_pool(name, pool)
+    yield
+  finally:
+    shapes.POOLS.clear()
+    shapes.POOLS.update(found)
 
 
 @pytest.mark.parametrize('pool', ['l2', 'same_max'])
@@ -168,6 +172,15 @@ def test_a_pool_registered_from_outside_trains_with_the_shapes_the_planner_says(
   if pool == 'l2':  # And it trains, through the whole CLI path's function.
     results = train.train_and_evaluate(smoke_config, str(tmp_path / pool))
     assert results['test_accuracy'] > 0.6  # 64 steps of a small net: it learns.
+
+
+def test_a_taken_pool_name_is_refused_unless_replaced(extra_pools):
+  with pytest.raises(ValueError, match=r"pool 'max' is already registered; "
+                                       r"register_pool\(..., replace=True\) replaces it"):
+    shapes.register_pool('max', EXTRA_POOLS['l2'])
+  assert shapes.POOLS['max'].apply is shapes.max_pool
+  shapes.register_pool('l2', EXTRA_POOLS['same_max'], replace=True)
+  assert shapes.POOLS['l2'] is EXTRA_POOLS['same_max']
 
 
 def test_a_pool_without_an_output_size_rule_is_refused_naming_it(smoke_config):

@@ -1,7 +1,9 @@
 """Sweeps: expansion, bad overrides, resuming after a kill, worker shares, the report."""
 
 import csv
+import glob
 import importlib.util
+import inspect
 import os
 import signal
 import subprocess
@@ -268,3 +270,34 @@ def test_the_heatmap_orders_values_as_numbers_and_skips_a_zipped_sweep(tmp_path,
   zipped = rows([(1, [32]), (2, [32, 64]), (3, [32, 64, 128])])  # sweep.zipped: a diagonal.
   assert not report.plot_heatmap(str(tmp_path / 'zipped.png'), zipped)
   assert not (tmp_path / 'zipped.png').exists()
+
+
+IMAGE_SHAPES = {'mnist': (28, 28, 1), 'fashion_mnist': (28, 28, 1), 'cifar10': (32, 32, 3)}
+
+
+def shipped(pattern):
+  return sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, pattern)))
+
+
+@pytest.mark.parametrize('path', shipped('configs/*.py') + shipped('experiments/*.py'))
+def test_every_shipped_config_and_sweep_point_validates_and_fits_its_images(path):
+  """Each configs/*.py (and its :smoke variant where it has one) and each point of each
+  experiments/*.py passes validation and the shape check on its dataset's images."""
+  if path.endswith('__init__.py'):
+    return
+  spec = importlib.util.spec_from_file_location('shipped', os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    assert path == 'experiments/edge_filter.py'  # A script, not a config.
+    return
+  configs = [module.get_config()]
+  if inspect.signature(module.get_config).parameters:  # It has variants (default.py: smoke).
+    configs.append(module.get_config('smoke'))
+  if hasattr(module, 'get_sweep'):
+    configs = [sweep.apply_overrides(configs[0], point) for point in module.get_sweep()]
+  assert configs
+  for config in configs:
+    config_lib.validate(config, 2)
+    config_lib.check_shapes(config_lib.block_settings(config.model),
+                            IMAGE_SHAPES[config.data.name])
