@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, fingerprint
-from convnet import config_lib, report, sweep, train, workdir
+from convnet import config_lib, inference, report, sweep, train, workdir
 
 
 def test_product_and_zipped_give_the_right_points_and_names():
@@ -301,3 +301,23 @@ def test_every_shipped_config_and_sweep_point_validates_and_fits_its_images(path
     config_lib.validate(config, 2)
     config_lib.check_shapes(config_lib.block_settings(config.model),
                             IMAGE_SHAPES[config.data.name])
+
+
+def test_a_key_added_since_a_run_was_written_reads_as_it_computed(smoke_config, tmp_path,
+                                                                  monkeypatch):
+  """A finished point whose config.json predates model.stride (as if the key were new):
+  with config_lib.ABSENT giving the value it computed with, the sweep reruns over it and
+  predict reads it; without, the rerun is refused naming the key."""
+  smoke_config.data.num_train, smoke_config.progress = 256, False
+  points = sweep.values('model.filters', [4])
+  sweep_dir = tmp_path / 'sweep'
+  sweep.run(smoke_config, points, str(sweep_dir))
+  point = sweep_dir / 'model.filters=4'
+  saved = workdir.read_json(point / 'config.json')
+  del saved['model']['stride']
+  workdir.write_json(str(point / 'config.json'), saved)
+  with pytest.raises(workdir.ConfigMismatchError, match=r"model.stride: '<absent>' -> \(1,\)"):
+    sweep.run(smoke_config, points, str(sweep_dir))
+  monkeypatch.setitem(config_lib.ABSENT, 'model.stride', (1,))
+  assert [r['status'] for r in sweep.run(smoke_config, points, str(sweep_dir))] == ['done']
+  assert inference.Trained(str(point)).config.model.stride == (1,)
