@@ -62,7 +62,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.model.kernel_size = (3,)  # Square kernel: 3 means 3x3.
   config.model.stride = (1,)  # Conv stride.
   config.model.padding = ('SAME',)  # 'SAME' keeps 28x28 | 'VALID' gives 26x26 for 3x3.
-  config.model.norm = ('none',)  # 'none' | 'batch' | 'layer', between conv and activation.
+  config.model.norm = ('none',)  # 'none' | 'batch' | 'layer' | 'group', after the conv.
+  config.model.norm_groups = (8,)  # norm='group': channel groups, a divisor of filters.
   config.model.pool = ('max',)  # 'max' | 'avg' | 'none'
   config.model.pool_size = (2,)  # Pooling window: 2 means 2x2 (28 -> 14).
   config.model.pool_stride = (2,)

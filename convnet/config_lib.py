@@ -56,6 +56,7 @@ BLOCK_SCHEMA = {
     'stride': Key(int, rule=POSITIVE),
     'padding': Key(str, choices=shapes.PADDINGS),
     'norm': Key(str, choices=models.NORMS),
+    'norm_groups': Key(int, rule=POSITIVE),
     'pool': Key(str, choices=shapes.POOLS),
     'pool_size': Key(int, rule=POSITIVE),
     'pool_stride': Key(int, rule=POSITIVE),
@@ -104,7 +105,7 @@ SCHEMA = {
 
 # Keys added since runs were first written, and the value that reproduces what a run
 # whose config.json lacks the key computed (read by workdir.config_from_dict).
-ABSENT = {'model.dtype': 'float32', 'profile_steps': 0}
+ABSENT = {'model.dtype': 'float32', 'profile_steps': 0, 'model.norm_groups': (8,)}
 
 
 class ConfigError(ValueError):
@@ -199,7 +200,13 @@ def block_settings(model_config) -> tuple[dict[str, Any], ...]:
                         f'model.num_blocks is {n}: give one value for all blocks or one per '
                         f'block')
     columns[name] = values * n if len(values) == 1 else values
-  return tuple({name: columns[name][i] for name in BLOCK_SCHEMA} for i in range(n))
+  blocks = tuple({name: columns[name][i] for name in BLOCK_SCHEMA} for i in range(n))
+  for i, block in enumerate(blocks):
+    if block['norm'] == 'group' and block['filters'] % block['norm_groups']:
+      raise ConfigError(f"model.norm_groups: block {i}'s {block['filters']} filters do not "
+                        f"split into {block['norm_groups']} groups for norm='group'; use a "
+                        f'divisor of {block["filters"]}')
+  return blocks
 
 
 def model_args(model_config) -> dict[str, Any]:

@@ -41,15 +41,53 @@ ACTIVATIONS = {
     'identity': Activation(lambda x: x, True),
 }
 
-# name -> (channel axis, train, pmap axis name, compute dtype) -> a norm layer; 'none'
-# means a bias instead. Flax keeps their statistics and scales in float32 at any dtype.
+class NormSite(NamedTuple):
+  """Where a norm layer sits, which is all a NORMS factory needs to build one."""
+  channels: int
+  channel_axis: int  # Of the block's layout: 3 in NHWC; 0 in CHWN (batch innermost).
+  train: bool
+  axis_name: Optional[str]  # BatchNorm statistics are averaged over this pmap axis.
+  dtype: Any  # What the layer computes in.
+  groups: int  # GroupNorm's channel groups (ConvBlock.norm_groups).
+
+
+class GroupNorm(nn.Module):
+  """Each example's channels in `groups` groups, each normalised over its channels and
+  every position; for any layout (Flax's nn.GroupNorm takes axis 0 for the batch, which
+  the CHWN layout puts last). Statistics in float32; a scale and bias per channel."""
+  groups: int
+  channel_axis: int
+  dtype: Any = jnp.float32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    channels, axis = x.shape[self.channel_axis], self.channel_axis % x.ndim
+    shape = (*x.shape[:axis], self.groups, channels // self.groups, *x.shape[axis + 1:])
+    grouped = x.reshape(shape).astype(jnp.float32)
+    rows_and_columns = tuple(a + (a > axis) for a in (1, 2))  # Axes 1 and 2 in every layout.
+    reduce = (*rows_and_columns, axis + 1)
+    mean = grouped.mean(reduce, keepdims=True)
+    var = jnp.square(grouped - mean).mean(reduce, keepdims=True)
+    y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    at_channels = [1] * x.ndim
+    at_channels[axis] = channels
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    return (y * scale.reshape(at_channels) + bias.reshape(at_channels)).astype(self.dtype)
+
+
+# name -> NormSite -> a norm layer; 'none' means a bias instead. Statistics and scales are
+# float32 at any compute dtype.
 NORMS = {
     'none': None,
-    'batch': lambda axis, train, axis_name, dtype: nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, axis=axis,
-        axis_name=axis_name if train else None, dtype=dtype),
-    'layer': lambda axis, train, axis_name, dtype: nn.LayerNorm(
-        reduction_axes=axis, feature_axes=axis, dtype=dtype),
+    'batch': lambda site: nn.BatchNorm(
+        use_running_average=not site.train, momentum=0.9, axis=site.channel_axis,
+        axis_name=site.axis_name if site.train else None, dtype=site.dtype),
+    'layer': lambda site: nn.LayerNorm(reduction_axes=site.channel_axis,
+                                       feature_axes=site.channel_axis, dtype=site.dtype),
+    'group': lambda site: GroupNorm(groups=site.groups, channel_axis=site.channel_axis,
+                                    dtype=site.dtype),
 }
 
 
@@ -64,6 +102,7 @@ class ConvBlock(nn.Module):
   stride: int = 1
   padding: str = 'SAME'  # 'SAME' keeps the size (at stride 1); 'VALID' loses kernel_size - 1.
   norm: str = 'none'  # A key of NORMS.
+  norm_groups: int = 8  # norm='group': channel groups (dividing filters).
   activation: str = 'relu'  # A key of ACTIVATIONS.
   pool: str = 'max'  # A key of shapes.POOLS.
   pool_size: int = 2
@@ -103,7 +142,9 @@ class ConvBlock(nn.Module):
     if make_norm is None:
       bias = self.param('bias', nn.initializers.zeros, (self.filters,), jnp.float32)
       return y + self.ops.per_channel(bias).astype(y.dtype)
-    return make_norm(self.ops.channel_axis, train, self.axis_name, self.ops.dtype)(y)
+    return make_norm(NormSite(channels=self.filters, channel_axis=self.ops.channel_axis,
+                              train=train, axis_name=self.axis_name, dtype=self.ops.dtype,
+                              groups=self.norm_groups))(y)
 
 
 class ConvNet(nn.Module):

@@ -109,12 +109,12 @@ def test_a_one_channel_block_pools_by_phase_only_where_that_is_exact(
 
 @pytest.mark.parametrize('norm,pool_name,pool_size,pool_stride,padding', [
     ('none', 'max', 2, 2, 'VALID'), ('batch', 'max', 3, 2, 'SAME'), ('layer', 'avg', 2, 2, 'SAME'),
-    ('none', 'avg', 3, 1, 'VALID')])
+    ('none', 'avg', 3, 1, 'VALID'), ('group', 'max', 2, 2, 'SAME')])
 def test_chwn_layout_gives_the_nhwc_model_outputs_and_gradients(
     mnist, norm, pool_name, pool_size, pool_stride, padding):
   """Same parameters, same logits, same gradients (BatchNorm statistics too) in both layouts."""
   blocks = tuple(dict(filters=f, kernel_size=3, stride=s, padding=padding, norm=norm,
-                      pool=pool_name, pool_size=pool_size, pool_stride=pool_stride)
+                      norm_groups=2, pool=pool_name, pool_size=pool_size, pool_stride=pool_stride)
                  for f, s in ((4, 1), (8, 2)))
   nhwc = models.ConvNet(blocks=blocks, hidden=(16,), ops=ops.Ops('cpu', 'NHWC'))
   chwn = nhwc.clone(ops=ops.Ops('cpu', 'CHWN'))

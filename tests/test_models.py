@@ -1,5 +1,6 @@
 """The lesson's blocks against plain NumPy sliding windows, on every kernel backend."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +98,33 @@ def test_parameter_count_of_a_two_block_batchnorm_net_with_valid_padding():
   want = (5 * 5 * 1 * 16 + 2 * 16) + (3 * 3 * 16 * 32 + 2 * 32) + (5 * 5 * 32 * 10 + 10)
   assert models.count_params(variables['params']) == want
   assert models.count_params(variables['batch_stats']) == 2 * (16 + 32)
+
+
+@pytest.mark.parametrize('ops_', ALL_OPS, ids=OPS_IDS)
+def test_group_norm_is_numpys_on_every_backend_and_layout(ops_):
+  """norm='group' normalises each example's channel groups over their channels and every
+  position, whatever axis the layout gives the batch (CHWN: the last), as NumPy and
+  Flax's own nn.GroupNorm (NHWC) do."""
+  x = np.random.default_rng(0).normal(2, 3, (5, 6, 7, 8)).astype(np.float32)  # NHWC
+  norm = models.GroupNorm(groups=4, channel_axis=ops_.channel_axis)
+  blocks = ops_.to_blocks(jnp.asarray(x))
+  rng = np.random.default_rng(1)
+  variables = {'params': {'scale': rng.normal(1, 0.5, 8).astype(np.float32),
+                          'bias': rng.normal(0, 0.5, 8).astype(np.float32)}}
+  assert jax.tree_util.tree_structure(norm.init(jax.random.key(0), blocks)) == (
+      jax.tree_util.tree_structure(variables))
+  got = ops_.to_nhwc(norm.apply(variables, blocks))
+  groups = x.reshape(5, 6, 7, 4, 2)
+  mean, var = groups.mean((1, 2, 4), keepdims=True), groups.var((1, 2, 4), keepdims=True)
+  want = ((groups - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+  want = want * variables['params']['scale'] + variables['params']['bias']
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  flax_norm = nn.GroupNorm(num_groups=4, epsilon=1e-5)
+  np.testing.assert_allclose(flax_norm.apply(variables, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_groups_must_divide_the_filters(smoke_config):
+  smoke_config.model.update(norm=('group',), norm_groups=(5,))
+  with pytest.raises(config_lib.ConfigError, match=r"model.norm_groups: block 0's 32 filters do "
+                                                   r"not split into 5 groups"):
+    config_lib.validate(smoke_config, 2)

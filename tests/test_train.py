@@ -419,3 +419,12 @@ def test_the_host_reads_each_chunk_after_starting_the_next(smoke_config, tmp_pat
   records = workdir.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
   assert [r['step'] for r in records if 'train_loss' in r] == list(range(4, 33, 4))
   assert [r['step'] for r in records if 'test_loss' in r] == [16, 32]
+
+
+def test_group_norm_trains_and_allows_micro_batches(smoke_config, tmp_path):
+  """Per-example statistics: unlike BatchNorm, micro-batches leave GroupNorm unchanged."""
+  config = smoke_config
+  config.model.update(norm=('group',), norm_groups=(4,))
+  config.data.num_train, config.micro_batch_size = 1024, 16
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert results['test_accuracy'] > 0.6  # Chance is 0.1.
