@@ -81,13 +81,22 @@ def test_keep_freed_memory_reuses_freed_blocks_without_page_faults():
 def test_clusters_are_recognised_from_their_environment():
   assert parallel.cluster({}) is None
   assert parallel.cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}) is None  # One process.
-  assert parallel.cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4'}) == 'SLURM job 7 (4 tasks)'
+  step = {'SLURM_STEP_NODELIST': 'node[1-4]', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}
+  assert parallel.cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', **step}) == (
+      'SLURM job 7 (4 tasks)')
+  with pytest.raises(parallel.SetupError, match='SLURM job 7 has 4 tasks but SLURM_PROCID not '
+                                                'set: start one process per task with srun'):
+    parallel.cluster({'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', 'SLURM_STEP_NODELIST': 'n1',
+                      'SLURM_LOCALID': '0'})
   assert parallel.cluster({'TPU_WORKER_HOSTNAMES': 'localhost'}) is None  # A single TPU VM.
   assert parallel.cluster({'TPU_WORKER_HOSTNAMES': 'w-0,w-1,w-2,w-3'}) == (
       'TPU pod slice (4 hosts)')
   assert parallel.slurm_array_worker({}) is None
   assert parallel.slurm_array_worker({'SLURM_ARRAY_TASK_ID': '12', 'SLURM_ARRAY_TASK_MIN': '10',
                                       'SLURM_ARRAY_TASK_COUNT': '3'}) == (3, 2)
+  with pytest.raises(parallel.SetupError, match=r'SLURM array task 9 \(SLURM_ARRAY_TASK_MIN=0\) '
+                                                r'is not one of SLURM_ARRAY_TASK_COUNT=2'):
+    parallel.slurm_array_worker({'SLURM_ARRAY_TASK_ID': '9', 'SLURM_ARRAY_TASK_COUNT': '2'})
 
 
 def test_a_cluster_initialises_jax_distributed_without_flags(monkeypatch):

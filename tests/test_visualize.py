@@ -90,9 +90,10 @@ def test_visualize_runs_the_trained_forward_pass_from_the_workdir_alone(trained_
   images = mnist.test.images[:50]
   model = train.build_model(trained.config.model, axis_name=None)
   assert trained.model.ops == model.ops and model.ops.backend == 'cpu'
-  # The statistics it normalised with: the training set's (num_train takes a prefix).
-  assert (trained.data['mean'], trained.data['std']) == (list(mnist.mean), list(mnist.std))
-  x = (images / 255.0 - mnist.mean) / mnist.std
+  # The statistics it normalised with: those of the 8,192 training images it trained on.
+  mean, std = input_pipeline.pixel_mean_std(mnist.train.images[:8192])
+  assert (trained.data['mean'], trained.data['std']) == (list(mean), list(std))
+  x = (images / 255.0 - mean) / std
   np.testing.assert_allclose(trained.apply(images), model.apply(trained.variables, x),
                              rtol=1e-5, atol=1e-5)
   _, kept = trained.model.clone(ops=ops.Ops()).apply(trained.variables, x[:4],
