@@ -61,6 +61,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.model.filters = (32,)  # Number of conv filters (output channels).
   config.model.kernel_size = (3,)  # Square kernel: 3 means 3x3.
   config.model.stride = (1,)  # Conv stride.
+  config.model.dilation = (1,)  # Conv dilation: a 3x3 kernel dilated by 2 spans 5x5.
   config.model.padding = ('SAME',)  # 'SAME' keeps 28x28 | 'VALID' gives 26x26 for 3x3.
   config.model.norm = ('none',)  # 'none' | 'batch' | 'layer' | 'group', after the conv.
   config.model.norm_groups = (8,)  # norm='group': channel groups, a divisor of filters.

@@ -53,6 +53,7 @@ class Key:
 BLOCK_SCHEMA = {
     'filters': Key(int, rule=POSITIVE),
     'kernel_size': Key(int, rule=POSITIVE),
+    'dilation': Key(int, rule=POSITIVE),
     'stride': Key(int, rule=POSITIVE),
     'padding': Key(str, choices=shapes.PADDINGS),
     'norm': Key(str, choices=models.NORMS),
@@ -105,7 +106,8 @@ SCHEMA = {
 
 # Keys added since runs were first written, and the value that reproduces what a run
 # whose config.json lacks the key computed (read by workdir.config_from_dict).
-ABSENT = {'model.dtype': 'float32', 'profile_steps': 0, 'model.norm_groups': (8,)}
+ABSENT = {'model.dtype': 'float32', 'profile_steps': 0, 'model.norm_groups': (8,),
+          'model.dilation': (1,)}
 
 
 class ConfigError(ValueError):
@@ -221,10 +223,12 @@ def check_shapes(blocks: Sequence[Mapping[str, Any]], image_shape: Sequence[int]
   """Raises ConfigError if a kernel or pooling window does not fit its block's input."""
   h, w, _ = image_shape
   for i, block in enumerate(blocks):
-    k = block['kernel_size']
+    k = shapes.kernel_extent(block)
     if k > min(h, w):
-      raise ConfigError(f'model.kernel_size: block {i} has a {k}x{k} kernel but its input is '
-                        f'only {h}x{w}')
+      dilated = (f' dilated by {block["dilation"]} (spanning {k}x{k})'
+                 if block.get('dilation', 1) > 1 else '')
+      raise ConfigError(f'model.kernel_size: block {i} has a {block["kernel_size"]}x'
+                        f'{block["kernel_size"]} kernel{dilated} but its input is only {h}x{w}')
     conv_h, conv_w = (shapes.conv_output_size(n, k, block['stride'], block['padding'])
                       for n in (h, w))
     pool = shapes.POOLS[block['pool']]

@@ -100,6 +100,7 @@ class ConvBlock(nn.Module):
   filters: int
   kernel_size: int = 3
   stride: int = 1
+  dilation: int = 1  # Taps this many pixels apart: a 3x3 kernel dilated by 2 spans 5x5.
   padding: str = 'SAME'  # 'SAME' keeps the size (at stride 1); 'VALID' loses kernel_size - 1.
   norm: str = 'none'  # A key of NORMS.
   norm_groups: int = 8  # norm='group': channel groups (dividing filters).
@@ -128,7 +129,7 @@ class ConvBlock(nn.Module):
                             conv_outputs=self.conv_outputs)
       return ACTIVATIONS[self.activation].fn(self._normalize(y, train))
     y = ops.conv2d(x, kernel, stride=self.stride, padding=self.padding,
-                   out_size=self.conv_outputs)
+                   dilation=self.dilation, out_size=self.conv_outputs)
     y = self._normalize(y, train)
     y = ACTIVATIONS[self.activation].fn(y)
     self.sow('intermediates', 'conv', ops.to_nhwc(y))  # Kept only when asked for (visualize).

@@ -20,6 +20,7 @@ same either way); the CPU kernels compute in float32.
 
 import dataclasses
 import functools
+import sys
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -62,9 +63,11 @@ def compute_dtype(name: str, backend: str) -> str:
 NHWC_HWIO = ('NHWC', 'HWIO', 'NHWC')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def library_conv(x, kernel, stride: int, padding: tuple[tuple[int, int], ...]):
-  """lax.conv_general_dilated of NHWC images with an HWIO kernel (explicit padding).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def library_conv(x, kernel, stride: int, padding: tuple[tuple[int, int], ...],
+                 dilation: int = 1):
+  """lax.conv_general_dilated of NHWC images with an HWIO kernel (explicit padding),
+  its taps `dilation` pixels apart.
 
   Its backward pass is the two convolutions JAX's transpose rules emit, called through
   the public lax API: jax 0.7.2 (Colab's) tags them with an output sharding that its own
@@ -72,28 +75,33 @@ def library_conv(x, kernel, stride: int, padding: tuple[tuple[int, int], ...]):
   jax-ml/jax#32157), which is where the trainer vmaps its step over seeds.
   """
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                  rhs_dilation=(dilation, dilation),
                                   dimension_numbers=NHWC_HWIO)
 
 
-def _library_conv_fwd(x, kernel, stride, padding):
-  return library_conv(x, kernel, stride, padding), (x, kernel)
+def _library_conv_fwd(x, kernel, stride, padding, dilation):
+  return library_conv(x, kernel, stride, padding, dilation), (x, kernel)
 
 
-def _library_conv_bwd(stride, padding, residuals, dy):
+def _library_conv_bwd(stride, padding, dilation, residuals, dy):
   x, kernel = residuals
-  size_in, size_out, k = x.shape[1:3], dy.shape[1:3], kernel.shape[:2]
+  size_in, size_out = x.shape[1:3], dy.shape[1:3]
+  k = [(n - 1) * dilation + 1 for n in kernel.shape[:2]]  # The rows a window spans.
   # Where the last window started, counted in input pixels: (out - 1) * stride + 1.
   spanned = [(o - 1) * stride + 1 for o in size_out]
-  # dx: dy, spread out by the stride, convolved with the flipped kernel (in/out swapped).
+  # dx: dy, spread out by the stride, convolved with the flipped (dilated) kernel, in/out
+  # swapped.
   dx_padding = [(k_ - 1 - lo, n - span + lo)
                 for n, k_, span, (lo, _) in zip(size_in, k, spanned, padding)]
   dx = lax.conv_general_dilated(dy, lax.rev(kernel, (0, 1)), (1, 1), dx_padding,
-                                lhs_dilation=(stride, stride),
+                                lhs_dilation=(stride, stride), rhs_dilation=(dilation, dilation),
                                 dimension_numbers=('NHWC', 'HWOI', 'NHWC'))
-  # dkernel: x correlated with dy (spread by the stride), summed over the batch.
+  # dkernel: x correlated with dy (spread by the stride) at every dilation-th offset,
+  # summed over the batch.
   dk_padding = [(lo, span - n + k_ - 1 - lo)
                 for n, k_, span, (lo, _) in zip(size_in, k, spanned, padding)]
-  dkernel = lax.conv_general_dilated(x, dy, (1, 1), dk_padding, rhs_dilation=(stride, stride),
+  dkernel = lax.conv_general_dilated(x, dy, (dilation, dilation), dk_padding,
+                                     rhs_dilation=(stride, stride),
                                      dimension_numbers=('CHWN', 'IHWO', 'HWNC'))
   return dx, dkernel
 
@@ -125,17 +133,27 @@ class Ops:
     """A [channels] vector shaped to broadcast over the blocks' layout (a bias)."""
     return v[:, None, None, None] if self.layout == 'CHWN' else v
 
-  def conv2d(self, x, kernel, *, stride: int, padding: str,
+  def conv2d(self, x, kernel, *, stride: int, padding: str, dilation: int = 1,
              out_size: Optional[tuple[int, int]] = None):
-    """Convolution with an HWIO kernel; out_size: only these leading outputs (CPU kernels)."""
-    if self.backend == 'cpu':
+    """Convolution with an HWIO kernel; out_size: only these leading outputs (CPU kernels).
+
+    The CPU kernels have no dilation: a dilated conv runs the library conv there (in
+    NHWC, its leading out_size outputs kept), said once per process."""
+    if self.backend == 'cpu' and dilation == 1:
       return cpu_conv.conv2d(x, kernel, stride=stride, padding=padding, layout=self.layout,
                              out_size=out_size)
+    if self.backend == 'cpu':
+      say_once(f'model.dilation={dilation}: the CPU kernels have no dilated conv; such blocks '
+               f'run the library conv (lax.conv_general_dilated)')
+      y = self.to_blocks(Ops().conv2d(self.to_nhwc(x), kernel, stride=stride, padding=padding,
+                                      dilation=dilation))
+      return y if out_size is None else y[:, :out_size[0], :out_size[1]]
     if out_size is not None:
       raise ValueError('out_size is a CPU-kernel plan; the library conv computes every output')
-    pads = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (stride, stride), padding)
+    extent = [(n - 1) * dilation + 1 for n in kernel.shape[:2]]
+    pads = lax.padtype_to_pads(x.shape[1:3], extent, (stride, stride), padding)
     return library_conv(x.astype(self.dtype), kernel.astype(self.dtype), stride,
-                        tuple(map(tuple, pads)))
+                        tuple(map(tuple, pads)), dilation)
 
   def pool2d(self, x, *, kind: str, window: int, stride: int):
     """Pooling of rows and columns (axes 1 and 2) by the registered pool `kind`."""
@@ -155,7 +173,7 @@ class Ops:
     kernels in CHWN, a one-channel input, stride 1, tiling max-pool windows, and no
     norm layer and a nondecreasing activation between conv and pool."""
     return (self.backend == 'cpu' and self.layout == 'CHWN' and in_channels == 1
-            and block.stride == 1 and block.pool == 'max'
+            and block.stride == 1 and block.dilation == 1 and block.pool == 'max'
             and block.pool_size == block.pool_stride and block.commutes_with_max_pool)
 
   def conv_max_pool(self, x, kernel, *, padding: str, window: int,
@@ -173,6 +191,16 @@ class Ops:
   def Dropout(self):  # pylint: disable=invalid-name
     """nn.Dropout, or on the CPU kernels the same masks from a faster hash."""
     return cpu_dropout.Dropout if self.backend == 'cpu' else nn.Dropout
+
+
+_SAID: set = set()
+
+
+def say_once(text: str) -> None:
+  """A line on stderr the first time this process says `text` (traced code runs often)."""
+  if text not in _SAID:
+    _SAID.add(text)
+    print(f'note: {text}', file=sys.stderr, flush=True)
 
 
 def make(name: str = 'auto', layout: str = 'NHWC', dtype: str = 'auto') -> Ops:

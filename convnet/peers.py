@@ -39,7 +39,8 @@ def keras_model(config):
   layers = [tf.keras.Input((28, 28, 1))]
   for block in config_lib.block_settings(config.model):
     layers.append(tf.keras.layers.Conv2D(block['filters'], block['kernel_size'], block['stride'],
-                                         block['padding'].lower(), activation='relu'))
+                                         block['padding'].lower(), activation='relu',
+                                         dilation_rate=block['dilation']))
     if block['pool'] != 'none':
       pool = (tf.keras.layers.MaxPooling2D if block['pool'] == 'max'
               else tf.keras.layers.AveragePooling2D)
@@ -78,7 +79,8 @@ def torch_model(config):
     if padding == 'SAME' and stride != 1:
       raise ValueError('SAME padding with stride > 1')
     layers += [torch.nn.Conv2d(channels, block['filters'], k, stride,
-                               padding='same' if padding == 'SAME' else 0), torch.nn.ReLU()]
+                               padding='same' if padding == 'SAME' else 0,
+                               dilation=block['dilation']), torch.nn.ReLU()]
     if block['pool'] != 'none':
       pool = torch.nn.MaxPool2d if block['pool'] == 'max' else torch.nn.AvgPool2d
       layers.append(pool(block['pool_size'], block['pool_stride']))

@@ -22,6 +22,11 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
   return (size - kernel) // stride + 1
 
 
+def kernel_extent(block: Mapping[str, Any]) -> int:
+  """How many input rows one of a block's conv windows spans: its kernel, dilated."""
+  return (block['kernel_size'] - 1) * block.get('dilation', 1) + 1
+
+
 def windows_extent(count: int, window: int, stride: int) -> int:
   """How many leading rows (or columns) `count` windows of `window` at `stride` cover."""
   return (count - 1) * stride + window
@@ -88,7 +93,7 @@ def register_pool(name: str, pool: Pool, replace: bool = False) -> None:
 
 def block_output_size(size: int, block: Mapping[str, Any]) -> int:
   """Spatial size after a block's conv and its pool."""
-  size = conv_output_size(size, block['kernel_size'], block['stride'], block['padding'])
+  size = conv_output_size(size, kernel_extent(block), block['stride'], block['padding'])
   return POOLS[block['pool']].output_size(size, block['pool_size'], block['pool_stride'])
 
 
@@ -119,7 +124,7 @@ def conv_outputs_read(blocks: Sequence[Mapping[str, Any]],
     inputs.append(tuple(block_output_size(n, block) for n in inputs[-1]))
   plan, read = [], None  # read: the rows x cols of this block's output the next one reads.
   for block, size in zip(reversed(blocks), reversed(inputs)):
-    k, stride = block['kernel_size'], block['stride']
+    k, stride = kernel_extent(block), block['stride']
     conv = tuple(conv_output_size(n, k, stride, block['padding']) for n in size)
     pool = POOLS[block['pool']]
     window, pool_stride = block['pool_size'], block['pool_stride']

@@ -15,8 +15,18 @@ def same_padding(size, kernel, stride):
   return total // 2, total - total // 2
 
 
-def numpy_conv(x, kernel, bias, stride, padding):
-  """Slide each kh x kw window over x; multiply by the kernel and add (NHWC, HWIO)."""
+def dilated(kernel, dilation):
+  """An HWIO kernel with dilation - 1 zero rows and columns between its taps."""
+  kh, kw, cin, cout = kernel.shape
+  spread = np.zeros(((kh - 1) * dilation + 1, (kw - 1) * dilation + 1, cin, cout), kernel.dtype)
+  spread[::dilation, ::dilation] = kernel
+  return spread
+
+
+def numpy_conv(x, kernel, bias, stride, padding, dilation=1):
+  """Slide each kh x kw window over x; multiply by the kernel and add (NHWC, HWIO). A
+  dilated kernel is its taps spread apart with zeros between."""
+  kernel = dilated(kernel, dilation)
   kh, kw, _, cout = kernel.shape
   n, h, w, _ = x.shape
   if padding == 'SAME':
@@ -30,8 +40,12 @@ def numpy_conv(x, kernel, bias, stride, padding):
   return out
 
 
-def numpy_conv_gradients(x, kernel, stride, padding, dy):
-  """d(sum(conv(x) * dy)) / d(x, kernel): each window's product with dy, added back."""
+def numpy_conv_gradients(x, kernel, stride, padding, dy, dilation=1):
+  """d(sum(conv(x) * dy)) / d(x, kernel): each window's product with dy, added back (the
+  kernel's gradient at its taps, for a dilated one)."""
+  if dilation > 1:
+    dx, dspread = numpy_conv_gradients(x, dilated(kernel, dilation), stride, padding, dy)
+    return dx, dspread[::dilation, ::dilation]
   kh, kw, _, _ = kernel.shape
   _, h, w, _ = x.shape
   pad_h = pad_w = (0, 0)

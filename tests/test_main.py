@@ -232,3 +232,11 @@ def test_a_bad_workdir_or_environment_is_one_line_and_writes_nothing(tmp_path, c
   assert done.stderr.strip().startswith(line.replace('WORKDIR', str(tmp_path))), done.stderr
   assert len(done.stderr.strip().splitlines()) == 1, done.stderr
   assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_cli_trains_a_dilated_conv_and_says_once_where_it_runs(tmp_path):
+  done = run_main(tmp_path / 'run', '--config.data.num_train=512', '--config.model.dilation=2',
+                  '--config.model.padding=VALID')
+  assert done.returncode == 0, done.stderr
+  assert 'feature maps [(12, 12, 32)]' in done.stdout  # 28 -> 24 (spanning 5x5) -> 12.
+  assert done.stderr.count('note: model.dilation=2: the CPU kernels have no dilated conv') == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import best, cifar10, default, fashion_mnist, keras_convnet
-from convnet import config_lib, ops, parallel, shapes, train, workdir
+from convnet import config_lib, models, ops, parallel, shapes, train, workdir
 from references import ALL_OPS, OPS_IDS, numpy_conv, numpy_conv_gradients, numpy_pool
 
 
@@ -107,37 +107,41 @@ def test_an_unknown_backend_is_a_config_error_naming_the_key(smoke_config):
 
 @pytest.mark.parametrize('ops_', ALL_OPS, ids=OPS_IDS)
 @pytest.mark.parametrize('padding', shapes.PADDINGS)
-@pytest.mark.parametrize('kernel_size,stride', [(3, 1), (5, 2), (4, 3), (2, 2)])
+@pytest.mark.parametrize('kernel_size,stride,dilation', [(3, 1, 1), (5, 2, 1), (4, 3, 1),
+                                                       (2, 2, 1), (3, 1, 2), (3, 2, 3)])
 def test_conv_values_and_gradients_match_numpy_windows(mnist, ops_, padding, kernel_size,
-                                                       stride):
-  """Each backend's convolution (the CPU kernels' hand-written backward pass, lax.conv's
-  own) against the windows' sums, on real digits stacked as a 3-channel (colour) image."""
+                                                       stride, dilation):
+  """Each backend's convolution (the CPU kernels' hand-written backward pass, the library
+  conv's) against the windows' sums, on real digits stacked as a 3-channel (colour)
+  image; dilated kernels too (the CPU kernels run those on the library conv)."""
   x = (np.concatenate([mnist.test.images[:2], mnist.test.images[2:4], mnist.test.images[4:6]],
                       -1) / 255.0)[:, :13]
   kernel = np.asarray(jax.random.normal(jax.random.key(0), (kernel_size, kernel_size, 3, 3)))
   conv = lambda x, k: ops_.to_nhwc(ops_.conv2d(ops_.to_blocks(x), k, stride=stride,
-                                                padding=padding))
+                                                padding=padding, dilation=dilation))
   y = jax.jit(conv)(jnp.asarray(x, jnp.float32), jnp.asarray(kernel))
-  np.testing.assert_allclose(y, numpy_conv(x, kernel, 0, stride, padding), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(y, numpy_conv(x, kernel, 0, stride, padding, dilation), rtol=1e-4,
+                             atol=1e-4)
   dy = np.asarray(jax.random.normal(jax.random.key(1), y.shape))
   dx, dkernel = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) * dy), argnums=(0, 1)))(
       jnp.asarray(x, jnp.float32), jnp.asarray(kernel))
-  want_dx, want_dkernel = numpy_conv_gradients(x, kernel, stride, padding, dy)
+  want_dx, want_dkernel = numpy_conv_gradients(x, kernel, stride, padding, dy, dilation)
   np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize('padding,kernel_size,stride', [('SAME', 3, 1), ('VALID', 5, 2),
-                                                       ('SAME', 4, 3)])
+@pytest.mark.parametrize('padding,kernel_size,stride,dilation', [
+    ('SAME', 3, 1, 1), ('VALID', 5, 2, 1), ('SAME', 4, 3, 1), ('VALID', 3, 2, 2)])
 def test_library_conv_gradients_vmapped_over_seeds_match_numpy_per_seed(mnist, padding,
-                                                                        kernel_size, stride):
+                                                                        kernel_size, stride,
+                                                                        dilation):
   """vmap(grad) of the library conv in a shard_map, as the trainer runs it (vmapped over
   seeds, parallel='jit'): jax 0.7.2 (Colab's) refuses that for lax.conv's own derivative
   (NotImplementedError); each seed's gradients must be that seed's NumPy ones."""
   x = mnist.test.images[:4, :15, :13].reshape(2, 2, 15, 13, 1) / 255.0  # [seeds, batch, ...]
   kernels = np.asarray(jax.random.normal(jax.random.key(0), (2, kernel_size, kernel_size, 1, 2)))
   xla = ops.Ops('xla')
-  conv = lambda x, k: xla.conv2d(x, k, stride=stride, padding=padding)
+  conv = lambda x, k: xla.conv2d(x, k, stride=stride, padding=padding, dilation=dilation)
   dy = np.asarray(jax.random.normal(jax.random.key(1), (2, *jax.eval_shape(
       conv, x[0], kernels[0]).shape)))
   grads = parallel.parallelize(
@@ -146,7 +150,7 @@ def test_library_conv_gradients_vmapped_over_seeds_match_numpy_per_seed(mnist, p
   dx, dkernel = grads(*(jnp.asarray(a[None], jnp.float32) for a in (x, kernels, dy)))
   for seed in range(2):
     want_dx, want_dkernel = numpy_conv_gradients(x[seed], kernels[seed], stride, padding,
-                                                 dy[seed])
+                                                 dy[seed], dilation)
     np.testing.assert_allclose(dx[seed], want_dx, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dkernel[seed], want_dkernel, rtol=1e-4, atol=1e-3)
 
@@ -232,3 +236,23 @@ def test_cpu_kernels_and_library_ops_train_the_same_loss_curve_on_mnist(smoke_co
   assert len(curves['cpu']) == 20 and curves['cpu'][-1] < 0.5 * curves['cpu'][0]
   np.testing.assert_allclose(curves['cpu'], curves['xla'], rtol=0.02, atol=0.005)
   assert abs(curves['cpu test'] - curves['xla test']) < 0.005
+
+
+@pytest.mark.parametrize('layout', ['NHWC', 'CHWN'])
+def test_a_dilated_net_computes_the_same_on_the_cpu_kernels_and_the_library_ops(layout):
+  """Dilation in the first of two VALID blocks: the CPU kernels run that conv on the
+  library conv and crop it to the outputs the next block reads (shapes.conv_outputs_read
+  with the dilated extent); the logits and gradients are the library ops'."""
+  blocks = tuple(dict(filters=f, kernel_size=3, stride=1, dilation=d, padding='VALID',
+                      norm='none', pool=p, pool_size=3, pool_stride=2)
+                 for f, d, p in ((4, 2, 'max'), (8, 1, 'avg')))
+  # 28 -> 24 (a 3x3 kernel dilated by 2 spans 5) -> 11 -> 9 -> 4.
+  assert shapes.feature_shapes(blocks, (28, 28, 1)) == [(11, 11, 4), (4, 4, 8)]
+  cpu = models.ConvNet(blocks=blocks, hidden=(16,), ops=ops.Ops('cpu', layout))
+  xla = cpu.clone(ops=ops.Ops('xla'))
+  x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+  variables = xla.init(jax.random.key(0), x)
+  loss = lambda model, v: jnp.sum(jnp.sin(model.apply(v, x)))
+  for a, b in zip(jax.tree_util.tree_leaves(jax.value_and_grad(lambda v: loss(cpu, v))(variables)),
+                  jax.tree_util.tree_leaves(jax.value_and_grad(lambda v: loss(xla, v))(variables))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
