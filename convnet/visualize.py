@@ -9,6 +9,7 @@ lesson's picture for the real model), confusion_matrix.png, misclassified.png
 Each figure is also a function taking arrays, for notebooks.
 """
 
+import errno
 import os
 import sys
 
@@ -152,11 +153,10 @@ def plot_curves(path: str, runs: list[tuple[str, list[dict]]]) -> str:
   return _save(fig, path)
 
 
-def visualize(workdir: str, num_digits: int = 4) -> list[str]:
-  """Writes every figure of the run in workdir into workdir/figures; returns the paths.
-
-  Reads the run's files and its test split; never the training set.
-  """
+def visualize(workdir: str, num_digits: int = 4, out: str | None = None) -> list[str]:
+  """Writes every figure of the run in workdir into `out` (default workdir/figures);
+  returns the paths. Reads the run's files and its test split; never the training set,
+  and never writes into workdir when `out` is elsewhere (a read-only run)."""
   trained = inference.Trained(workdir)
   config = trained.config
   test = input_pipeline.load_splits(config.data.source, config.data.dir, config.data.name,
@@ -169,8 +169,14 @@ def visualize(workdir: str, num_digits: int = 4) -> list[str]:
     raise workdir_lib.ConfigMismatchError(
         f'the test split in {where} is not the one {workdir} was evaluated on ('
         + '; '.join(diff) + ')')
-  out = os.path.join(workdir, 'figures')
-  os.makedirs(out, exist_ok=True)
+  out = out or os.path.join(workdir, 'figures')
+  try:
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+      raise PermissionError(errno.EACCES, 'Permission denied')
+  except OSError as e:
+    raise PermissionError(f'cannot write the figures into {out} ({e.strerror}): give '
+                          f'--out DIR') from None
   logits = np.concatenate([np.asarray(trained.apply(test.images[i:i + 1000]))
                            for i in range(0, len(test.labels), 1000)])
   probabilities = np.asarray(jax.nn.softmax(logits))
@@ -193,7 +199,7 @@ def main(argv):
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
   try:
-    paths = visualize(flags.FLAGS.workdir)
+    paths = visualize(flags.FLAGS.workdir, out=flags.FLAGS.out or None)
   except (FileNotFoundError, *train.USER_ERRORS) as e:
     sys.exit(f'error: {e}')
   print('wrote ' + ', '.join(paths))
@@ -201,5 +207,6 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'The workdir of a run (python -m convnet.main --workdir).')
+  flags.DEFINE_string('out', '', 'Where to write the figures (default: WORKDIR/figures).')
   flags.mark_flag_as_required('workdir')
   app.run(main)

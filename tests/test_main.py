@@ -77,6 +77,20 @@ def test_cli_trains_and_writes_every_output(tmp_path, mnist):
   assert missing.stderr.strip().splitlines() == [
       f'error: {tmp_path / "nothing" / "config.json"} not found: {tmp_path / "nothing"} holds no '
       f'run (or one from before config.json was written)']
+  # Where the figures cannot go (here a file; a read-only workdir alike): one line, and
+  # --out puts them elsewhere, leaving the run untouched.
+  (tmp_path / 'blocked').write_text('a file')
+  blocked = subprocess.run([sys.executable, '-m', 'convnet.visualize', '--workdir',
+                            str(tmp_path / 'run'), '--out', str(tmp_path / 'blocked' / 'f')],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert blocked.returncode == 1 and blocked.stderr.strip().splitlines() == [
+      f'error: cannot write the figures into {tmp_path / "blocked" / "f"} (Not a directory): '
+      f'give --out DIR']
+  elsewhere = subprocess.run([sys.executable, '-m', 'convnet.visualize', '--workdir',
+                              str(tmp_path / 'run'), '--out', str(tmp_path / 'figs')],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert elsewhere.returncode == 0 and len(os.listdir(tmp_path / 'figs')) == 5
+  assert fingerprint(tmp_path / 'run') == after
   # The same command again: a finished run is never overwritten.
   again = run_main(tmp_path / 'run', *overrides)
   assert again.returncode == 1 and 'holds a finished run' in again.stderr
