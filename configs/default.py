@@ -9,6 +9,8 @@ run on the same model for trying things out.
 
 import ml_collections
 
+from convnet import config_lib
+
 
 def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -80,6 +82,11 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # on CPU | 'float32' | 'bfloat16' (library ops only). Parameters, optimizer state,
   # BatchNorm statistics and the loss stay float32, so checkpoints are the same either way.
   config.model.dtype = 'auto'
+  # Any per-block field of models.ConvBlock not listed above, at its default: a new
+  # field is a --config.model.<field> key at once.
+  for name, default in config_lib.BLOCK_DEFAULTS.items():
+    if name not in config.model:
+      config.model[name] = (default,)
 
   if variant == 'smoke':  # Seconds: the same model on 2,048 training images, 1 epoch.
     config.num_epochs = 1

@@ -48,9 +48,21 @@ class Key:
   rule: Optional[Rule] = None
 
 
-# Per-block settings, one entry per models.ConvBlock field of the same name. In a config
-# each is a tuple with one value for every block, or one value per block.
-BLOCK_SCHEMA = {
+def _per_block_fields() -> list[dataclasses.Field]:
+  return [f for f in dataclasses.fields(models.ConvBlock)
+          if f.name not in models.ConvBlock.NOT_PER_BLOCK]
+
+
+# Per-block settings: one per int or str field of models.ConvBlock, read from the class
+# (see its docstring). In a config each is a tuple with one value for every block, or
+# one value per block; a block key a config lacks is the field's default (BLOCK_DEFAULTS).
+BLOCK_SCHEMA = {f.name: Key(f.type, choices=models.BLOCK_CHOICES.get(f.name),
+                            rule=POSITIVE if f.type is int else None)
+                for f in _per_block_fields()}
+BLOCK_DEFAULTS = {f.name: f.default for f in _per_block_fields()
+                  if f.default is not dataclasses.MISSING}
+
+SCHEMA = {
     'filters': Key(int, rule=POSITIVE),
     'kernel_size': Key(int, rule=POSITIVE),
     'dilation': Key(int, rule=POSITIVE),
@@ -105,9 +117,10 @@ SCHEMA = {
 
 
 # Keys added since runs were first written, and the value that reproduces what a run
-# whose config.json lacks the key computed (read by workdir.config_from_dict).
-ABSENT = {'model.dtype': 'float32', 'profile_steps': 0, 'model.norm_groups': (8,),
-          'model.dilation': (1,)}
+# whose config.json lacks the key computed (read by workdir.config_from_dict); for a
+# per-block key, its field's default.
+ABSENT = {'model.dtype': 'float32', 'profile_steps': 0,
+          **{f'model.{name}': (default,) for name, default in BLOCK_DEFAULTS.items()}}
 
 
 class ConfigError(ValueError):
@@ -155,11 +168,12 @@ def validate(config, available_devices: int) -> None:
   unknown = sorted(set(flat) - set(SCHEMA))
   if unknown:
     raise ConfigError(f'unknown config key(s): {", ".join(unknown)}')
-  missing = sorted(set(SCHEMA) - set(flat))
+  missing = sorted(set(SCHEMA) - set(flat) - {f'model.{name}' for name in BLOCK_DEFAULTS})
   if missing:
     raise ConfigError(f'missing config key(s): {", ".join(missing)}')
   for name, key in SCHEMA.items():
-    check_key(name, key, flat[name])
+    if name in flat:
+      check_key(name, key, flat[name])
   if flat['seed'] + flat['num_seeds'] > MAX_SEED:
     raise ConfigError(f'seed={flat["seed"]} + num_seeds={flat["num_seeds"]} exceeds {MAX_SEED}')
   block_settings(config.model)  # Checks the per-block tuple lengths.
@@ -196,7 +210,7 @@ def block_settings(model_config) -> tuple[dict[str, Any], ...]:
   n = model_config.num_blocks
   columns = {}
   for name in BLOCK_SCHEMA:
-    values = tuple(model_config[name])
+    values = tuple(model_config[name]) if name in model_config else (BLOCK_DEFAULTS[name],)
     if len(values) not in (1, n):
       raise ConfigError(f'model.{name} has {len(values)} entries {values} but '
                         f'model.num_blocks is {n}: give one value for all blocks or one per '

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from convnet import shapes
 from convnet.ops import Ops
 
 
@@ -96,6 +97,11 @@ class ConvBlock(nn.Module):
 
   Input and output have rows and columns on axes 1 and 2 (NHWC, or CHWN when the
   CPU kernels run batch-innermost); the parameters are the same either way.
+
+  Each int or str field (but those in NOT_PER_BLOCK) is a per-block config key,
+  model.<field> (config_lib.BLOCK_SCHEMA): an int must be > 0, a str one of its
+  BLOCK_CHOICES; a config without the key takes the field's default. A new field with a
+  default is a config key at once.
   """
   filters: int
   kernel_size: int = 3
@@ -111,6 +117,9 @@ class ConvBlock(nn.Module):
   ops: Ops = Ops()
   axis_name: Optional[str] = None  # BatchNorm statistics are averaged over this pmap axis.
   conv_outputs: Optional[tuple[int, int]] = None  # Leading conv outputs to compute; None: all.
+
+  # Fields the net sets (model.activation is one key for every block), not per-block keys.
+  NOT_PER_BLOCK = ('activation', 'ops', 'axis_name', 'conv_outputs', 'parent', 'name')
 
   @property
   def commutes_with_max_pool(self) -> bool:
@@ -146,6 +155,10 @@ class ConvBlock(nn.Module):
     return make_norm(NormSite(channels=self.filters, channel_axis=self.ops.channel_axis,
                               train=train, axis_name=self.axis_name, dtype=self.ops.dtype,
                               groups=self.norm_groups))(y)
+
+
+# The values a per-block str field may take (a registry's names at validation time).
+BLOCK_CHOICES = {'padding': shapes.PADDINGS, 'norm': NORMS, 'pool': shapes.POOLS}
 
 
 class ConvNet(nn.Module):

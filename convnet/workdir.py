@@ -240,8 +240,7 @@ def data_diff(saved: dict, new: dict) -> list[str]:
 def config_diff(saved: dict, new: dict) -> list[str]:
   """'key: saved -> new' for every key that differs and would change the results. A key
   added since `saved` was written is compared as config_lib.ABSENT says the run computed."""
-  saved = config_lib.flatten(config_from_dict(saved).to_dict())
-  new = config_lib.flatten(new)
+  saved, new = (config_lib.flatten(config_from_dict(c).to_dict()) for c in (saved, new))
   lines = []
   for key in sorted(set(saved) | set(new)):
     old_value, new_value = saved.get(key, '<absent>'), new.get(key, '<absent>')

@@ -1,12 +1,18 @@
 """The README's Extend table, row by row, done as it says: a new activation or norm layer
 is one registry entry, and then a config can name it, it changes the output, and the
-CPU kernels (both layouts) and the library ops compute the same. (Pools: test_shapes.)"""
+CPU kernels (both layouts) and the library ops compute the same; a per-block option is
+a ConvBlock field and its use. (Pools: test_shapes.)"""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from convnet import config_lib, models, train
 from references import ALL_OPS, OPS_IDS
 
@@ -58,3 +64,51 @@ def test_an_extend_row_done_as_the_readme_says_works_on_every_backend(smoke_conf
   assert not np.allclose(outputs['xla'], before, atol=1e-3)  # It changed the model.
   for ops_id, output in outputs.items():
     np.testing.assert_allclose(output, outputs['xla'], rtol=1e-4, atol=1e-5, err_msg=ops_id)
+
+
+PER_BLOCK_OPTION = '''
+import jax, numpy as np
+from convnet import models
+
+class ConvBlock(models.ConvBlock):  # The README's row: the field (with its default) ...
+  gain: int = 1  # Multiplies the block's output.
+
+  def __call__(self, x, train=False):  # ... and its use. Nothing else is edited.
+    return super().__call__(x, train) * self.gain
+
+models.ConvBlock = ConvBlock  # As if the field were written into convnet/models.py.
+from configs import default
+from convnet import config_lib, train
+
+config = default.get_config('smoke')
+assert config.model.gain == (1,)  # A config key at once, at its default.
+config.model.update(num_blocks=2, filters=(4, 8), gain=(2, 3), ops='xla')
+config_lib.validate(config, 1)
+x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
+model = train.build_model(config.model, axis_name=None)
+assert [b['gain'] for b in model.blocks] == [2, 3]
+variables = model.init(jax.random.key(0), x)
+config.model.gain = (1,)
+plain = train.build_model(config.model, axis_name=None)
+assert not np.allclose(model.apply(variables, x), plain.apply(variables, x), atol=1e-3)
+block = {'params': variables['params']['ConvBlock_0']}
+np.testing.assert_allclose(ConvBlock(**model.blocks[0]).apply(block, x),
+                           2 * ConvBlock(**plain.blocks[0]).apply(block, x), rtol=1e-5, atol=1e-6)
+config.model.gain = (0,)
+try:
+  config_lib.validate(config, 1)
+except config_lib.ConfigError as e:
+  print('refused:', e)
+'''
+
+
+def test_a_per_block_option_is_a_field_and_its_use(tmp_path):
+  """A new ConvBlock field with a default is a per-block config key at once (in
+  configs/default.py, validated, passed to each block): two edits, done here in a
+  subclass in a fresh interpreter."""
+  script = tmp_path / 'option.py'
+  script.write_text(PER_BLOCK_OPTION)
+  done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, 'PYTHONPATH': REPO})
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == 'refused: model.gain must be > 0, got (0,)'

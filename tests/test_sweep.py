@@ -305,19 +305,22 @@ def test_every_shipped_config_and_sweep_point_validates_and_fits_its_images(path
 
 def test_a_key_added_since_a_run_was_written_reads_as_it_computed(smoke_config, tmp_path,
                                                                   monkeypatch):
-  """A finished point whose config.json predates model.stride (as if the key were new):
-  with config_lib.ABSENT giving the value it computed with, the sweep reruns over it and
-  predict reads it; without, the rerun is refused naming the key."""
+  """A finished point whose config.json predates model.dilation (a ConvBlock field: its
+  default, 1, is what the run computed) and data.augment_pixels (as if new: read as
+  config_lib.ABSENT says). The sweep reruns over it, predict reads it; without the
+  ABSENT entry the rerun is refused naming the key."""
   smoke_config.data.num_train, smoke_config.progress = 256, False
   points = sweep.values('model.filters', [4])
   sweep_dir = tmp_path / 'sweep'
   sweep.run(smoke_config, points, str(sweep_dir))
   point = sweep_dir / 'model.filters=4'
   saved = workdir.read_json(point / 'config.json')
-  del saved['model']['stride']
+  del saved['model']['dilation'], saved['data']['augment_pixels']
   workdir.write_json(str(point / 'config.json'), saved)
-  with pytest.raises(workdir.ConfigMismatchError, match=r"model.stride: '<absent>' -> \(1,\)"):
+  with pytest.raises(workdir.ConfigMismatchError,
+                     match=r"data.augment_pixels: '<absent>' -> 2\n"):
     sweep.run(smoke_config, points, str(sweep_dir))
-  monkeypatch.setitem(config_lib.ABSENT, 'model.stride', (1,))
+  monkeypatch.setitem(config_lib.ABSENT, 'data.augment_pixels', 2)
   assert [r['status'] for r in sweep.run(smoke_config, points, str(sweep_dir))] == ['done']
-  assert inference.Trained(str(point)).config.model.stride == (1,)
+  trained = inference.Trained(str(point))
+  assert trained.config.model.dilation == (1,) and trained.config.data.augment_pixels == 2
