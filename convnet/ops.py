@@ -109,6 +109,13 @@ def _library_conv_bwd(stride, padding, dilation, residuals, dy):
 library_conv.defvjp(_library_conv_fwd, _library_conv_bwd)
 
 
+# The ConvBlock fields the fused conv + max-pool kernel (Ops.pools_with_conv) knows: a
+# block with any other per-block field away from its default is never fused, so a new
+# option cannot be skipped there.
+FUSED_FIELDS = ('filters', 'kernel_size', 'stride', 'dilation', 'padding', 'norm',
+                'norm_groups', 'pool', 'pool_size', 'pool_stride')
+
+
 @dataclasses.dataclass(frozen=True)
 class Ops:
   """A resolved backend ('xla' | 'cpu'), the layout its conv blocks run in and the dtype
@@ -170,9 +177,13 @@ class Ops:
 
   def pools_with_conv(self, block: Any, in_channels: int) -> bool:
     """Whether `block` runs its conv and max pool as one matmul (cpu/phases.py): CPU
-    kernels in CHWN, a one-channel input, stride 1, tiling max-pool windows, and no
-    norm layer and a nondecreasing activation between conv and pool."""
+    kernels in CHWN, a one-channel input, stride 1, no dilation, tiling max-pool
+    windows, no norm layer and a nondecreasing activation between conv and pool, and
+    every per-block field that kernel does not know (FUSED_FIELDS) at its default."""
+    unknown_set = any(getattr(block, f.name) != f.default for f in dataclasses.fields(block)
+                      if f.name not in (*block.NOT_PER_BLOCK, *FUSED_FIELDS))
     return (self.backend == 'cpu' and self.layout == 'CHWN' and in_channels == 1
+            and not unknown_set
             and block.stride == 1 and block.dilation == 1 and block.pool == 'max'
             and block.pool_size == block.pool_stride and block.commutes_with_max_pool)
 

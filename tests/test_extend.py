@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO
 from convnet import config_lib, models, train
+from convnet import ops as ops_lib
 from references import ALL_OPS, OPS_IDS
 
 
@@ -112,3 +113,16 @@ def test_a_per_block_option_is_a_field_and_its_use(tmp_path):
                         timeout=120, env={**os.environ, 'PYTHONPATH': REPO})
   assert done.returncode == 0, done.stderr
   assert done.stdout.strip() == 'refused: model.gain must be > 0, got (0,)'
+
+
+def test_the_fused_cpu_kernel_declines_a_block_with_a_field_it_does_not_know():
+  """The one-matmul conv + max pool (CPU kernels, CHWN) knows ops.FUSED_FIELDS; a block
+  that sets any other per-block field (here a new one) takes conv2d and pool2d instead."""
+  class ConvBlock(models.ConvBlock):
+    taps_shift: int = 1  # As if a new conv option: only conv2d would be taught it.
+
+  cpu = ops_lib.Ops('cpu', 'CHWN')
+  plain = dict(filters=4, kernel_size=3, pool='max', pool_size=2, pool_stride=2, ops=cpu)
+  assert cpu.pools_with_conv(ConvBlock(**plain), in_channels=1)
+  assert not cpu.pools_with_conv(ConvBlock(**plain, taps_shift=2), in_channels=1)
+  assert not cpu.pools_with_conv(ConvBlock(**plain, dilation=2), in_channels=1)
