@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from configs import default
 from convnet import input_pipeline, models, visualize
 
 VERTICAL = np.array([[-1, 2, -1]] * 3, np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from convnet import models, ops
-from convnet.cpu import conv, dropout, layout, phases, pool
+from convnet.cpu import conv, dropout, layout, phases
 from references import numpy_conv, numpy_pool
 
 
