@@ -424,13 +424,12 @@ def train_in_workdir(*, config, workdir: str, data: input_pipeline.Dataset, devi
                      stop_requested: list, run_start: float) -> dict:
   """Claims the workdir, then trains (resuming what it holds) and finishes the run."""
   writer = parallel.is_writer()
+  data_record = workdir_lib.data_record(data, config, len(devices))
   with workdir_lib.claim(workdir, enabled=writer):
-    records = workdir_lib.prepare(workdir, config.to_dict(),
-                                  workdir_lib.data_record(data, config, len(devices)),
-                                  allow_config_change)
+    records = workdir_lib.prepare(workdir, config.to_dict(), data_record, allow_config_change)
     with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
          contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out, \
-         on_devices(data, config.eval_batch_size, devices, local_devices) as arrays:
+         on_devices(data, data_record, config.eval_batch_size, devices, local_devices) as arrays:
       try:
         training = Training(config=config, workdir=workdir, data=data, arrays=arrays,
                             devices=devices, local_devices=local_devices,
@@ -484,11 +483,12 @@ class DeviceData(NamedTuple):
   test: list  # images, labels, mask: [devices, steps, per_device_batch, ...] (shard_for_eval).
 
 
-def on_devices(data: input_pipeline.Dataset, eval_batch_size: int, devices, local_devices):
+def on_devices(data: input_pipeline.Dataset, data_record: dict, eval_batch_size: int, devices,
+               local_devices):
   """The dataset placed on this process's devices, once: sweep points training at once on
-  the same devices share one copy (parallel.shared)."""
-  key = ('dataset', workdir_lib.fingerprint(data.train)['sha256'],
-         workdir_lib.fingerprint(data.test)['sha256'], eval_batch_size, tuple(devices))
+  the same devices share one copy (parallel.shared), known by data_record's fingerprints."""
+  key = ('dataset', data_record['train']['sha256'], data_record['test']['sha256'],
+         eval_batch_size, tuple(devices))
 
   def place():
     test = shard_for_eval(data.test, eval_batch_size, len(devices))

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import default
 from conftest import REPO, main_command
 from convnet import input_pipeline, parallel, train, workdir
 
@@ -124,10 +125,11 @@ def test_shared_values_are_made_once_for_their_holders_and_dropped_after_the_las
 
 def test_points_on_the_same_devices_share_one_copy_of_the_dataset(mnist):
   data = mnist._replace(train=input_pipeline.Split(*(x[:256] for x in mnist.train)))
-  devices = jax.local_devices()[:1]
-  with train.on_devices(data, 100, devices, devices) as a, \
-       train.on_devices(data, 100, devices, devices) as b, \
-       train.on_devices(data, 100, jax.local_devices()[1:], jax.local_devices()[1:]) as other:
+  record = workdir.data_record(data, default.get_config(), 1)
+  devices, others = jax.local_devices()[:1], jax.local_devices()[1:]
+  with train.on_devices(data, record, 100, devices, devices) as a, \
+       train.on_devices(data, record, 100, devices, devices) as b, \
+       train.on_devices(data, record, 100, others, others) as other:
     assert a is b and other is not a
     assert a.train_images.devices() == set(devices)
     np.testing.assert_array_equal(np.asarray(a.train_images)[0], data.train.images)
