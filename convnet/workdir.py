@@ -62,21 +62,23 @@ def locked(directory: str, wait: bool = False):
     write_text(pid_file, f'{os.getpid()}\n')
     yield
   finally:
-    if lock_holder(directory) == str(os.getpid()):
+    if lock_holder(directory, patience_s=0.0) == str(os.getpid()):
       os.unlink(pid_file)
     os.close(fd)
 
 
-def lock_holder(directory: str) -> str:
+def lock_holder(directory: str, patience_s: float = 1.0) -> str:
   """The PID the lock's holder wrote into `directory`/.lock (a holder that has just taken
-  the lock is given a second to write it), or words saying it is missing."""
-  for _ in range(50):
+  the lock is given `patience_s` to write it), or words saying it is missing."""
+  deadline = time.time() + patience_s
+  while True:
     try:
       with open(os.path.join(directory, '.lock')) as f:
         return f.read().strip()
     except FileNotFoundError:
+      if time.time() >= deadline:
+        return '(unknown: its .lock file was removed)'
       time.sleep(0.02)
-  return '(unknown: its .lock file was removed)'
 
 
 class WorkdirError(ValueError):
