@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state: written in the background, restored with checks.
 
-`save` hands a host copy of the state to a writer thread and returns: the thread has
-orbax write it, then writes the SHA-256 sums of its files, so the training loop waits
-for neither. The next `save`, and `finish`, wait for the one before and raise its
+`save` hands a copy of the state (host arrays, or a device copy no later step reuses)
+to a writer thread and returns: the thread fetches it to the host, has orbax write it,
+then writes the SHA-256 sums of its files, so the training loop waits for none of that. The next `save`, and `finish`, wait for the one before and raise its
 failure (e.g. a full disk), which leaves the checkpoints before it intact. One thread
 writes for the whole process: orbax's own asynchronous saves coordinate through
 process-wide signals, and two of them at once (sweep points training in threads) wait
