@@ -45,7 +45,7 @@ ACTIVATIONS = {
 class NormSite(NamedTuple):
   """Where a norm layer sits, which is all a NORMS factory needs to build one."""
   channels: int
-  channel_axis: int  # Of the block's layout: 3 in NHWC; 0 in CHWN (batch innermost).
+  channel_axis: int  # Of the block's layout: -1 in NHWC; 0 in CHWN (batch innermost).
   train: bool
   axis_name: Optional[str]  # BatchNorm statistics are averaged over this pmap axis.
   dtype: Any  # What the layer computes in.

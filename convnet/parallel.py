@@ -82,7 +82,7 @@ def slurm_array_worker(environ=os.environ) -> tuple[int, int] | None:
     return None
   if 'SLURM_ARRAY_TASK_COUNT' not in environ:
     raise SetupError('SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not: '
-                            'give --num_workers and --worker_index')
+                     'give --num_workers and --worker_index')
   count = env_int('SLURM_ARRAY_TASK_COUNT', 1, environ)
   index = env_int('SLURM_ARRAY_TASK_ID', 0, environ) - env_int('SLURM_ARRAY_TASK_MIN', 0, environ)
   if not 0 <= index < count:
