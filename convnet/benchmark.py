@@ -71,7 +71,7 @@ def training_timer(config, data, steps: int) -> dict:
   _, _, state, data_keys, dropout_keys = train.init_run(config, data.train.images.shape[1:],
                                                         steps_per_epoch)
   flops = train.training_flops_per_image(
-      config.model, jax.tree_util.tree_map(lambda x: x[0], state), data.train.images.shape[1:])
+      config.model, train.first_seed(state), data.train.images.shape[1:])
   state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
                                                   parallel.replicated(devices))
   images, labels = (parallel.replicate(x, devices) for x in data.train)
@@ -289,12 +289,16 @@ def time_to_accuracy(config, target: float) -> dict:
   the first epoch whose test accuracy reaches `target`."""
   with tempfile.TemporaryDirectory() as tmp:
     before_run = time.time() - PROCESS_START  # Imports and flag parsing, already spent.
-    train.train_and_evaluate(config, tmp)
+    results = train.train_and_evaluate(config, tmp)
     tests = [r for r in workdir.read_jsonl(os.path.join(tmp, 'metrics.jsonl'))
              if 'test_accuracy' in r]
   reached = next((r for r in tests if r['test_accuracy'] >= target), None)
-  return {'target': target, 'reached': reached is not None,
-          'seconds': before_run + reached['time_s'] if reached else None,
+  seconds = before_run + reached['time_s'] if reached else None
+  parts = {'start_up_s': before_run, 'compile_s': results['compile_time_s'],
+           'train_s': reached['train_time_s']} if reached else {}
+  if reached:  # Data, initialisation, evaluation and checkpoints.
+    parts['other_s'] = seconds - sum(parts.values())
+  return {'target': target, 'reached': reached is not None, 'seconds': seconds, **parts,
           'epoch': reached['epoch'] if reached else None,
           'accuracy_by_epoch': [r['test_accuracy'] for r in tests],
           'seconds_by_epoch': [before_run + r['time_s'] for r in tests]}
@@ -330,7 +334,10 @@ def main(argv):
     if MODE.value == 'time_to_accuracy':
       result = time_to_accuracy(CONFIG.value, TARGET.value)
       print(f'{100 * TARGET.value:.1f}% test accuracy: ' + (
-          f'{result["seconds"]:.0f} s from the start, at epoch {result["epoch"]}'
+          f'{result["seconds"]:.1f} s from the start, at epoch {result["epoch"]}: '
+          f'{result["start_up_s"]:.1f} s start-up (imports), {result["compile_s"]:.1f} s '
+          f'compile, {result["train_s"]:.1f} s training, {result["other_s"]:.1f} s data, '
+          f'initialisation, evaluation and checkpoints'
           if result['reached'] else 'not reached'))
     elif MODE.value == 'seeds':
       result = compare_seeds(CONFIG.value, NUM_SEEDS.value)

@@ -33,8 +33,8 @@ class Trained:
     if restored is None:
       raise checkpoint.CheckpointError(f'{workdir}/checkpoints holds no checkpoint')
     state, _, _, self.step = restored
-    self.variables = {'params': jax.tree_util.tree_map(lambda x: x[0], state.params),
-                      'batch_stats': jax.tree_util.tree_map(lambda x: x[0], state.batch_stats)}
+    self.variables = train.first_seed({'params': state.params,
+                                       'batch_stats': state.batch_stats})
 
   def normalize(self, images: np.ndarray):
     return input_pipeline.normalize(jnp.asarray(images), self.data['mean'], self.data['std'])

@@ -11,6 +11,7 @@ terminal and stays silent otherwise.
 """
 
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -63,6 +64,8 @@ class MetricWriter:
     self.epoch_start = 0
     self.tensorboard_dir = os.path.join(workdir, 'tensorboard')
     self._summary = None  # Opened at the first record, so a run that fails early writes none.
+    if enabled:  # Its import takes a while: done meanwhile, while the step compiles.
+      threading.Thread(target=importlib.import_module, args=('tensorboardX',), daemon=True).start()
 
   @property
   def summary(self):

@@ -9,6 +9,7 @@ round trip per step; the host reads each chunk's metrics after starting the next
 """
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -124,6 +125,7 @@ def eval_step(state: TrainState, batch):
               batch['label'], predictions].add(mask.astype(jnp.int32))}
 
 
+@functools.partial(jax.jit, static_argnums=1)  # One program, not one per op.
 def seed_keys(seed: int, num_seeds: int):
   """(init, data, dropout) keys, each with a leading axis of num_seeds; seed i is seed + i."""
   keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(seed + jnp.arange(num_seeds))
@@ -138,6 +140,11 @@ def create_train_states(init_keys: jax.Array, config, model: models.ConvNet, ima
   """
   return jax.jit(jax.vmap(lambda key: create_train_state(key, config, model, image_shape,
                                                          learning_rate_fn)))(init_keys)
+
+
+# Each a single program: run op by op, every leaf's shape compiles its own.
+device_copy = jax.jit(functools.partial(jax.tree_util.tree_map, jnp.copy))
+first_seed = jax.jit(functools.partial(jax.tree_util.tree_map, lambda x: x[0]))
 
 
 def epoch_permutations(data_keys: jax.Array, epoch: int, num_examples: int) -> jax.Array:
@@ -233,8 +240,10 @@ def shard_for_eval(split: input_pipeline.Split, batch_size: int, num_devices: in
 def training_flops_per_image(model_config, state: TrainState, image_shape) -> float:
   """XLA's FLOP count of one forward and backward pass, per image (one seed's state).
 
-  Without dropout: its random bits are integer hashing, not the model's arithmetic,
-  and XLA counts them only when they are written out (cpu/dropout.py).
+  Counted on the lowered program: compiling it only for the count would add a compile
+  to every run's start-up. Without dropout: its random bits are integer hashing, not
+  the model's arithmetic, and XLA counts them only when they are written out
+  (cpu/dropout.py).
   """
   model = build_model(model_config, axis_name=None).clone(dropout=0.0)
   batch = 8
@@ -245,9 +254,9 @@ def training_flops_per_image(model_config, state: TrainState, image_shape) -> fl
                             mutable=['batch_stats'])
     return cross_entropy(logits, labels).mean()
 
-  compiled = jax.jit(jax.value_and_grad(loss)).lower(
-      state.params, jnp.zeros((batch, *image_shape)), jnp.zeros((batch,), jnp.int32)).compile()
-  cost = compiled.cost_analysis()
+  lowered = jax.jit(jax.value_and_grad(loss)).lower(
+      state.params, jnp.zeros((batch, *image_shape)), jnp.zeros((batch,), jnp.int32))
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost['flops']) / batch
 
@@ -523,9 +532,9 @@ class Training:
     image_shape = data.train.images.shape[1:]
     self.model, self.learning_rate_fn, state, data_keys, dropout_keys = init_run(
         config, image_shape, steps_per_epoch)
-    first_seed = jax.tree_util.tree_map(lambda x: x[0], state)
-    self.num_params = models.count_params(first_seed.params)
-    self.flops_per_image = training_flops_per_image(config.model, first_seed, image_shape)
+    seed0 = first_seed(state)
+    self.num_params = models.count_params(seed0.params)
+    self.flops_per_image = training_flops_per_image(config.model, seed0, image_shape)
     self.train_time, self.earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
     restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
     if restored:
@@ -617,10 +626,10 @@ class Training:
 
   def snapshot(self):
     """A device copy of what a checkpoint holds: the next chunk may reuse the state's buffers."""
-    return jax.tree_util.tree_map(jnp.copy, (self.state, self.data_keys, self.dropout_keys))
+    return device_copy((self.state, self.data_keys, self.dropout_keys))
 
   def seed0_params(self):
-    return jax.tree_util.tree_map(lambda x: x[0], self.state.params)
+    return first_seed(self.state.params)
 
   @staticmethod
   def handle(handlers: list) -> None:
@@ -685,7 +694,8 @@ class Training:
     self.ready_at = time.time()
     record = {'step': step, 'epoch': step // self.steps_per_epoch,
               'test_count': int(sums['count'][0]),
-              'time_s': self.earlier_wall_time + time.time() - self.run_start}  # Since the start.
+              'time_s': self.earlier_wall_time + time.time() - self.run_start,  # Since the start.
+              'train_time_s': self.train_time}  # Of which training steps.
     seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
     seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
     return record, sums['confusion'][0]  # Seed 0's, as the figures show seed 0.
@@ -710,7 +720,7 @@ class Training:
           self.step, self.evaluate(self.state, *self.arrays.test))
     results = self.results()
     if self.writer:
-      seed0 = jax.tree_util.tree_map(lambda x: x[0], self.state)
+      seed0 = first_seed(self.state)
       labels = self.data.test.labels
       examples = self.data.test.images[[int(np.flatnonzero(labels == label)[0])
                                         for label in np.unique(labels)[:4]]]

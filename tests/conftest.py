@@ -51,7 +51,7 @@ def fingerprint(directory) -> dict[str, str]:
 
 def metrics_without_timings(run_dir) -> list[dict]:
   """A run's metrics.jsonl records without their wall-clock fields: what repeats exactly."""
-  return [{k: v for k, v in r.items() if k not in ('images_per_s', 'time_s')}
+  return [{k: v for k, v in r.items() if k not in ('images_per_s', 'time_s', 'train_time_s')}
           for r in workdir.read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))]
 
 

@@ -75,6 +75,9 @@ def test_time_to_accuracy_reports_the_first_epoch_at_the_target(tmp_path):
   result = json.loads(out.read_text())
   assert result['reached'] and result['epoch'] == 1  # > 85% after one smoke epoch
   assert result['seconds'] == result['seconds_by_epoch'][0] > 0
+  parts = ('start_up_s', 'compile_s', 'train_s', 'other_s')
+  assert all(result[k] > 0 for k in parts)
+  assert abs(sum(result[k] for k in parts) - result['seconds']) < 1e-6
   assert len(result['accuracy_by_epoch']) == 2 and result['accuracy_by_epoch'][0] >= 0.5
   assert '50.0% test accuracy:' in proc.stdout
 
