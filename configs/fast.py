@@ -1,12 +1,13 @@
-"""The fastest way we found to 99% MNIST test accuracy on a 2-core CPU.
+"""The fastest way we found to 99% MNIST test accuracy on a 2-core CPU: one epoch.
 
     python -m convnet.benchmark --mode=time_to_accuracy --config configs/fast.py
     python -m convnet.main --config configs/fast.py --workdir runs/fast
 
 configs/best.py's model (three BatchNorm blocks of 16, 32, 64 3x3 filters, dense
-256) with its whole schedule squeezed into 3 epochs: a 0.2-epoch warmup, then
-cosine decay to 0. Expected: >= 99.0% test accuracy after epoch 2, ~99.3% after
-epoch 3, in under a minute (measured figures: docs/performance.md).
+256) for a single epoch: batches of 64, a large peak learning rate after a 0.2-epoch
+warmup, cosine decay to 0, and no dropout (one pass over the data does not overfit). Expected:
+>= 99.0% test accuracy after its one epoch, for each of seeds 0, 1 and 2, in well
+under half a minute (measured figures: docs/performance.md).
 """
 
 from configs import best
@@ -14,7 +15,10 @@ from configs import best
 
 def get_config():
   config = best.get_config()
-  config.num_epochs = 3
+  config.num_epochs = 1
+  config.batch_size = 64  # Twice the steps of best.py's 128, at no loss of speed on a CPU.
+  config.learning_rate = 7e-3
   config.warmup_epochs = 0.2
+  config.model.dropout = 0.0
   config.log_every_steps = 0  # One compiled scan per epoch: one compile, not two.
   return config
