@@ -2,8 +2,10 @@
 
 `save` hands a copy of the state (host arrays, or a device copy no later step reuses)
 to a writer thread and returns: the thread fetches it to the host, has orbax write it,
-then writes the SHA-256 sums of its files, so the training loop waits for none of that. The next `save`, and `finish`, wait for the one before and raise its
-failure (e.g. a full disk), which leaves the checkpoints before it intact. One thread
+then writes the SHA-256 sums of its files, so the training loop waits for none of that.
+The next `save`, and `finish`, wait for the one before and raise its failure (e.g. a
+full disk, refused before orbax writes a byte when the free space is known to be too
+little), which leaves the checkpoints before it intact. One thread
 writes for the whole process: orbax's own asynchronous saves coordinate through
 process-wide signals, and two of them at once (sweep points training in threads) wait
 on each other's signals until they time out.
@@ -18,11 +20,13 @@ if none restores, `CheckpointError` names the directory and nothing is moved.
 """
 
 import concurrent.futures
+import errno
 import hashlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import sys
 
 import jax
@@ -79,6 +83,7 @@ def manager(workdir: str, keep: int, read_only: bool = False) -> Manager:
       # Read-only managers keep and save nothing (said so, else orbax warns it changed them).
       max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
       create=False, read_only=read_only,
+      cleanup_tmp_directories=not read_only,  # A write that failed part-way (a full disk).
       enable_async_checkpointing=False,  # Asynchronous through our writer thread.
       # Every process restores on its own; only process 0 saves (host numpy arrays).
       multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -150,16 +155,29 @@ _WRITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='checkpoin
 
 def _write(checkpoints: Manager, step: int, tree) -> None:
   tree = jax.device_get(tree)  # Waits for the step's arrays here, not on the training thread.
+  check_space(str(checkpoints.directory), sum(np.asarray(x).nbytes
+                                              for x in jax.tree_util.tree_leaves(tree)))
   checkpoints.save(step, args=ocp.args.StandardSave(tree), force=True)
   path = os.path.join(str(checkpoints.directory), str(step))
   workdir_lib.write_text(os.path.join(path, SUMS), json.dumps(file_sums(path), indent=1))
 
 
+def check_space(directory: str, num_bytes: int) -> None:
+  """Refuses a checkpoint whose arrays alone (num_bytes) exceed the free space: orbax
+  would fail part-way, from its own threads, with tracebacks that bury the cause."""
+  free = shutil.disk_usage(directory).free
+  if free < num_bytes:
+    raise OSError(errno.ENOSPC, f'No space left on device: {free / 1e6:.1f} MB free, '
+                  f'{num_bytes / 1e6:.1f} MB needed')
+
+
 def _not_written(checkpoints: Manager, step: int, e: Exception) -> CheckpointError:
+  intact = [s for s in checkpoints.all_steps() if s < step]
   return CheckpointError(f'could not write the checkpoint of step {step} in '
                          f'{checkpoints.directory}: {str(e).splitlines()[0][:300]}; the '
-                         f'checkpoints before it are intact: '
-                         f'{[s for s in checkpoints.all_steps() if s < step]}')
+                         f'checkpoints before it are intact: {intact}' + (
+                             f'; once it can be written, rerun the same command to resume '
+                             f'from step {intact[-1]}' if intact else ''))
 
 
 def _describe(tree) -> list[tuple[str, tuple, str]]:

@@ -448,8 +448,9 @@ def train_in_workdir(*, config, workdir: str, data: input_pipeline.Dataset, devi
         training.train()
         return training.finish()
       except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and 'RESOURCE_EXHAUSTED' not in str(e):
-          raise
+        if isinstance(e, checkpoint.CheckpointError) or (
+            not isinstance(e, MemoryError) and 'RESOURCE_EXHAUSTED' not in str(e)):
+          raise  # A full disk is RESOURCE_EXHAUSTED to orbax too, not out of memory.
         raise OutOfMemory(out_of_memory_advice(config, devices, checkpoints)) from e
 
 

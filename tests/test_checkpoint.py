@@ -346,9 +346,47 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
   assert 'error: could not write the checkpoint of step 32' in full.stderr
   assert 'File too large' in full.stderr and 'checkpoints before it are intact: [16]' in full.stderr
   assert fingerprint(run_dir / 'checkpoints' / '16') == before
+  assert '32.orbax-checkpoint-tmp' in os.listdir(run_dir / 'checkpoints')  # Orbax's part-write.
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert 'checkpoint at step 16' in done.stdout
+  assert sorted(os.listdir(run_dir / 'checkpoints')) == ['16', '32']  # The part-write cleared.
+
+
+def no_space_known(directory, num_bytes):  # What the free-space check says on a full disk.
+  raise OSError(28, 'No space left on device: 0.0 MB free, 9.7 MB needed')
+
+
+def no_space_from_orbax(directory, num_bytes):  # What orbax raises when the disk fills mid-write.
+  raise ValueError('RESOURCE_EXHAUSTED: Error writing "state.params" in OCDBT database: Failed '
+                   'to write 76097 bytes to file 18: No space left on device')
+
+
+@pytest.mark.parametrize('failure', [no_space_known, no_space_from_orbax])
+def test_a_full_disk_is_one_line_naming_the_kept_checkpoint_not_out_of_memory(
+    smoke_config, tmp_path, crashed_runs, monkeypatch, failure):
+  run_dir, _ = copy_of(crashed_runs, 1, tmp_path)
+  before = fingerprint(run_dir / 'checkpoints' / '16')
+  monkeypatch.setattr(checkpoint, 'check_space', failure)
+  config = smoke_config.copy_and_resolve_references()
+  config.num_epochs = 2
+  with pytest.raises(checkpoint.CheckpointError) as raised:
+    train.train_and_evaluate(config, str(run_dir), allow_config_change=True)
+  assert not isinstance(raised.value, MemoryError)
+  assert str(raised.value).startswith(f'could not write the checkpoint of step 32 in '
+                                      f'{run_dir / "checkpoints"}: ')
+  assert 'No space left on device' in str(raised.value)
+  assert str(raised.value).endswith('the checkpoints before it are intact: [16]; once it can '
+                                    'be written, rerun the same command to resume from step 16')
+  assert sorted(os.listdir(run_dir / 'checkpoints')) == ['16']
+  assert fingerprint(run_dir / 'checkpoints' / '16') == before
+
+
+def test_the_free_space_check_refuses_only_what_cannot_fit(tmp_path, monkeypatch):
+  free = shutil.disk_usage(tmp_path).free
+  checkpoint.check_space(str(tmp_path), free // 2)
+  with pytest.raises(OSError, match=r'No space left on device: .* MB free, .* MB needed'):
+    checkpoint.check_space(str(tmp_path), 2 * free)
 
 
 def test_save_returns_before_the_write_and_finish_waits_for_the_files_and_sums(tmp_path,
