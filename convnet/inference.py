@@ -9,7 +9,6 @@ the training set is never read.
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
