@@ -25,4 +25,4 @@ run: $(VENV)/installed  ## Train configs/default.py on MNIST; prints the test ac
 # Test files run in parallel processes (a file's tests share one process and its trained
 # fixtures); each process sees 2 fake CPU devices.
 test: $(VENV)/installed-dev  ## The test suite (offline; 2 fake CPU devices).
-	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=10
