@@ -16,7 +16,9 @@ trainers take turns, one repeat each per round, so that all of them see the same
 machine; convnet/peer is the median of the rounds' ratios.
 
 `time_to_accuracy`: trains the config once and reports the wall time from the start
-(compile included) to the first epoch whose test accuracy reaches --target.
+(compile included) to the first epoch whose test accuracy reaches --target, split into
+start-up, compile, training, and the rest (data, initialisation, evaluation,
+checkpoints). The compilation cache is not used: the compile is always timed afresh.
 
 `table`: prints the markdown table of the benchmark JSON files in --table_from (the
 current table of docs/performance.md is this command's output).
