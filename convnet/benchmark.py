@@ -295,11 +295,12 @@ def time_to_accuracy(config, target: float) -> dict:
     tests = [r for r in workdir.read_jsonl(os.path.join(tmp, 'metrics.jsonl'))
              if 'test_accuracy' in r]
   reached = next((r for r in tests if r['test_accuracy'] >= target), None)
-  seconds = before_run + reached['time_s'] if reached else None
-  parts = {'start_up_s': before_run, 'compile_s': results['compile_time_s'],
-           'train_s': reached['train_time_s']} if reached else {}
-  if reached:  # Data, initialisation, evaluation and checkpoints.
-    parts['other_s'] = seconds - sum(parts.values())
+  seconds, parts = None, {}
+  if reached:
+    seconds = before_run + reached['time_s']
+    parts = {'start_up_s': before_run, 'compile_s': results['compile_time_s'],
+             'train_s': reached['train_time_s']}
+    parts['other_s'] = seconds - sum(parts.values())  # Data, init, evaluation, checkpoints.
   return {'target': target, 'reached': reached is not None, 'seconds': seconds, **parts,
           'epoch': reached['epoch'] if reached else None,
           'accuracy_by_epoch': [r['test_accuracy'] for r in tests],
