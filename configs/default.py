@@ -82,7 +82,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   # on CPU | 'float32' | 'bfloat16' (library ops only). Parameters, optimizer state,
   # BatchNorm statistics and the loss stay float32, so checkpoints are the same either way.
   config.model.dtype = 'auto'
-  # Any per-block field of models.ConvBlock not listed above, at its default: a new
+  # Any field of shapes.Block (a per-block setting) not listed above, at its default: a new
   # field is a --config.model.<field> key at once.
   for name, default in config_lib.BLOCK_DEFAULTS.items():
     if name not in config.model:

@@ -64,16 +64,16 @@ def matmul_gflops(devices, n: int = 1024, repeats: int = 20) -> float:
   return len(devices) * 2 * n ** 3 / best / 1e9
 
 
-def training_timer(config, data, steps: int) -> dict:
-  """The trainer's own compiled chunk of `steps` steps, parallelised as config.parallel
+def training_timer(spec: config_lib.Spec, data, steps: int) -> dict:
+  """The trainer's own compiled chunk of `steps` steps, parallelised as spec.parallel
   says: its compile time, evaluation images/s, XLA's FLOPs per training image, and
   `repeat`, which runs the chunk once more and returns its training images/s."""
-  devices, _ = parallel.participating_devices(config.num_devices)
-  steps_per_epoch = train.check_data(config, data)
-  _, _, state, data_keys, dropout_keys = train.init_run(config, data.train.images.shape[1:],
+  devices, _ = parallel.participating_devices(spec.num_devices)
+  steps_per_epoch = train.check_data(spec, data)
+  _, _, state, data_keys, dropout_keys = train.init_run(spec, data.train.images.shape[1:],
                                                         steps_per_epoch)
   flops = train.training_flops_per_image(
-      config.model, train.first_seed(state), data.train.images.shape[1:])
+      spec.model, train.first_seed(state), data.train.images.shape[1:])
   state, data_keys, dropout_keys = jax.device_put((state, data_keys, dropout_keys),
                                                   parallel.replicated(devices))
   images, labels = (parallel.replicate(x, devices) for x in data.train)
@@ -81,29 +81,29 @@ def training_timer(config, data, steps: int) -> dict:
                          parallel.replicated(devices))
   start = time.perf_counter()
   chunk = parallel.compile_now(train.parallel_train_chunk(
-      steps, steps_per_epoch, config.batch_size, data.mean, data.std, devices,
-      how=config.parallel, micro_batch_size=config.micro_batch_size,
-      augment=(config.data.augment, config.data.augment_pixels)),
+      steps, steps_per_epoch, spec.batch_size, data.mean, data.std, devices,
+      how=spec.parallel, micro_batch_size=spec.micro_batch_size,
+      augment=(spec.data.augment, spec.data.augment_pixels)),
       state, images, labels, perms, dropout_keys)
   compile_s = time.perf_counter() - start
   state, _ = chunk(state, images, labels, perms, dropout_keys)  # Warm-up.
   jax.block_until_ready(state)
   test = [parallel.put_on_devices(x, devices) for x in
-          train.shard_for_eval(data.test, config.eval_batch_size, len(devices))]
+          train.shard_for_eval(data.test, spec.eval_batch_size, len(devices))]
   evaluate = parallel.compile_now(train.parallel_evaluate(data.mean, data.std, devices,
-                                                          config.parallel), state, *test)
+                                                          spec.parallel), state, *test)
   jax.block_until_ready(evaluate(state, *test))
   start = time.perf_counter()
   for _ in range(3):
     jax.block_until_ready(evaluate(state, *test))
-  eval_rate = 3 * len(data.test.labels) * config.num_seeds / (time.perf_counter() - start)
+  eval_rate = 3 * len(data.test.labels) * spec.num_seeds / (time.perf_counter() - start)
 
   def repeat() -> float:
     nonlocal state
     start = time.perf_counter()
     state, metrics = chunk(state, images, labels, perms, dropout_keys)
     jax.device_get(metrics)
-    return steps * config.batch_size * config.num_seeds / (time.perf_counter() - start)
+    return steps * spec.batch_size * spec.num_seeds / (time.perf_counter() - start)
   return {'compile_s': compile_s, 'eval_images_per_s': eval_rate, 'flops_per_image': flops,
           'num_devices': len(devices), 'repeat': repeat}
 
@@ -135,21 +135,21 @@ def ratio_per_round(ours: dict, theirs: dict) -> float:
 def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
   """The `train` mode: config.parallel's timings, the other parallel form's training
   images/s, the peers', the matmul peak and the machine."""
-  train.validate(config)
-  data = train.load_data(config)
-  result = training_timer(config, data, steps)
+  spec = train.validate(config)
+  data = train.load_data(spec)
+  result = training_timer(spec, data, steps)
   other = config.copy_and_resolve_references()
   other.parallel = 'jit' if config.parallel == 'pmap' else 'pmap'
   runs = {'convnet': result.pop('repeat'),
-          other.parallel: training_timer(other, data, steps)['repeat']}
-  peer_runs, skipped = (peers.trainers(config, data, steps) if with_peers else
+          other.parallel: training_timer(train.validate(other), data, steps)['repeat']}
+  peer_runs, skipped = (peers.trainers(spec, data, steps) if with_peers else
                         ({}, {name: '--peers=false' for name in peers.NAMES}))
   rates = interleave({**runs, **peer_runs}, repeats)
-  result['parallel'] = config.parallel
+  result['parallel'] = spec.parallel
   result['train_images_per_s'] = rates['convnet']
   result['train_images_per_s_' + other.parallel] = rates[other.parallel]
   result['matmul_peak_gflops'] = matmul_gflops(
-      parallel.participating_devices(config.num_devices)[0])
+      parallel.participating_devices(spec.num_devices)[0])
   result['achieved_gflops'] = result['flops_per_image'] * result['train_images_per_s'][
       'median'] / 1e9
   result['percent_of_matmul_peak'] = 100 * result['achieved_gflops'] / result[

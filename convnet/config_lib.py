@@ -1,11 +1,14 @@
-"""The config schema: every key, its type and allowed values, checked before any work.
+"""The config schema, and the config read once into typed specs before any work.
 
-A config is an `ml_collections.ConfigDict` from `configs/*.py`. `validate` rejects
-unknown or missing keys, wrong types and impossible values with the key named;
-`model_args` turns the model part into models.ConvNet's arguments; `check_shapes`
-rejects models whose feature maps would vanish for the data. Choices come from the
-registries (ops.BACKENDS, models.ACTIVATIONS and NORMS, shapes.POOLS, optim.OPTIMIZERS
-and SCHEDULES) when validating, so an entry added there is a valid choice here.
+A config is an `ml_collections.ConfigDict` from `configs/*.py`. Its keys are the
+option() fields of the specs below (Spec, with Data and Model) and one per field of
+shapes.Block (per-block keys, tuples). `read` rejects unknown or missing keys, wrong
+types and impossible values with the key named, and returns a Spec: train.py and the
+modules below it take that, never the ConfigDict. `validate` adds the checks that
+depend on the devices; `check_shapes` rejects models whose feature maps would vanish for
+the data. Choices come from the registries (ops.BACKENDS, models.ACTIVATIONS and NORMS,
+shapes.POOLS, optim.OPTIMIZERS and SCHEDULES) when validating, so an entry added there
+is a valid choice here.
 """
 
 import dataclasses
@@ -14,6 +17,7 @@ import inspect
 import math
 import os
 import sys
+import typing
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 from absl import flags
@@ -48,69 +52,95 @@ class Key:
   rule: Optional[Rule] = None
 
 
-def _per_block_fields() -> list[dataclasses.Field]:
-  return [f for f in dataclasses.fields(models.ConvBlock)
-          if f.name not in models.ConvBlock.NOT_PER_BLOCK]
-
-
-# Per-block settings: one per int or str field of models.ConvBlock, read from the class
-# (see its docstring). In a config each is a tuple with one value for every block, or
-# one value per block; a block key a config lacks is the field's default (BLOCK_DEFAULTS).
+# Per-block settings: one per field of shapes.Block, read from the class (see its
+# docstring). In a config each is a tuple with one value for every block, or one value
+# per block; a block key a config lacks is the field's default (BLOCK_DEFAULTS).
 BLOCK_SCHEMA = {f.name: Key(f.type, choices=models.BLOCK_CHOICES.get(f.name),
                             rule=POSITIVE if f.type is int else None)
-                for f in _per_block_fields()}
-BLOCK_DEFAULTS = {f.name: f.default for f in _per_block_fields()
+                for f in dataclasses.fields(shapes.Block)}
+BLOCK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(shapes.Block)
                   if f.default is not dataclasses.MISSING}
 
-SCHEMA = {
-    'filters': Key(int, rule=POSITIVE),
-    'kernel_size': Key(int, rule=POSITIVE),
-    'dilation': Key(int, rule=POSITIVE),
-    'stride': Key(int, rule=POSITIVE),
-    'padding': Key(str, choices=shapes.PADDINGS),
-    'norm': Key(str, choices=models.NORMS),
-    'norm_groups': Key(int, rule=POSITIVE),
-    'pool': Key(str, choices=shapes.POOLS),
-    'pool_size': Key(int, rule=POSITIVE),
-    'pool_stride': Key(int, rule=POSITIVE),
-}
+def option(rule: Optional[Rule] = None, choices=None) -> Any:
+  """A spec field that is a config key: its type is the field's annotation (a tuple's
+  values: tuple[int, ...]); choices and rule as in Key."""
+  return dataclasses.field(metadata={'key': (rule, choices)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """data.*: which images, and how training batches are augmented."""
+  source: str = option(choices=('idx', 'tfds'))
+  dir: str = option()
+  augment: str = option(choices=input_pipeline.AUGMENTATIONS)
+  augment_pixels: int = option(NON_NEGATIVE)
+  name: str = option()
+  download: bool = option()
+  num_train: int = option(NON_NEGATIVE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """model.*: the ConvNet. Its per-block keys (BLOCK_SCHEMA) are read into `blocks`."""
+  num_blocks: int = option(POSITIVE)
+  activation: str = option(choices=models.ACTIVATIONS)
+  hidden: tuple[int, ...] = option(POSITIVE)
+  dropout: float = option(FRACTION)
+  num_classes: int = option(POSITIVE)
+  layout: str = option(choices=ops.LAYOUTS)
+  dtype: str = option(choices=ops.DTYPES)
+  ops: str = option(choices=ops.BACKENDS)  # Last: the field's name hides the module below.
+  blocks: tuple[shapes.Block, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A config, checked and read once (`read`, `validate`): what train.py and the modules
+  below it take instead of the ConfigDict, with the same attribute names. `record` is
+  the config as a nested dict, as config.json and TensorBoard's hparams keep it."""
+  seed: int = option(SEED)
+  batch_size: int = option(POSITIVE)
+  eval_batch_size: int = option(POSITIVE)
+  num_epochs: int = option(POSITIVE)
+  learning_rate: float = option(POSITIVE)
+  optimizer: str = option(choices=optim.OPTIMIZERS)
+  momentum: float = option(NON_NEGATIVE)
+  weight_decay: float = option(NON_NEGATIVE)
+  schedule: str = option(choices=optim.SCHEDULES)
+  warmup_epochs: float = option(NON_NEGATIVE)
+  log_every_steps: int = option(NON_NEGATIVE)
+  num_devices: int = option(NON_NEGATIVE)
+  parallel: str = option(choices=('pmap', 'jit'))
+  micro_batch_size: int = option(NON_NEGATIVE)
+  num_seeds: int = option(POSITIVE)
+  checkpoint_every_steps: int = option(NON_NEGATIVE)
+  keep_checkpoints: int = option(POSITIVE)
+  divergence_factor: float = option(NON_NEGATIVE)
+  progress: bool = option()
+  profile_steps: int = option(NON_NEGATIVE)
+  data: Data = option()
+  model: Model = option()
+  record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+
+def _keys(spec: type, prefix: str = '') -> dict[str, Key]:
+  """The config keys of a spec class, from its option() fields (nested specs too)."""
+  keys = {}
+  for f in dataclasses.fields(spec):
+    if 'key' not in f.metadata:
+      continue
+    if dataclasses.is_dataclass(f.type):
+      keys.update(_keys(f.type, f'{prefix}{f.name}.'))
+      continue
+    rule, choices = f.metadata['key']
+    item = typing.get_args(f.type)[0] if typing.get_origin(f.type) is tuple else None
+    keys[prefix + f.name] = Key(tuple if item else f.type, item=item, choices=choices,
+                                rule=rule)
+  return keys
+
 
 SCHEMA = {
-    'seed': Key(int, rule=SEED),
-    'batch_size': Key(int, rule=POSITIVE),
-    'eval_batch_size': Key(int, rule=POSITIVE),
-    'num_epochs': Key(int, rule=POSITIVE),
-    'learning_rate': Key(float, rule=POSITIVE),
-    'optimizer': Key(str, choices=optim.OPTIMIZERS),
-    'momentum': Key(float, rule=NON_NEGATIVE),
-    'weight_decay': Key(float, rule=NON_NEGATIVE),
-    'schedule': Key(str, choices=optim.SCHEDULES),
-    'warmup_epochs': Key(float, rule=NON_NEGATIVE),
-    'log_every_steps': Key(int, rule=NON_NEGATIVE),
-    'num_devices': Key(int, rule=NON_NEGATIVE),
-    'parallel': Key(str, choices=('pmap', 'jit')),
-    'micro_batch_size': Key(int, rule=NON_NEGATIVE),
-    'num_seeds': Key(int, rule=POSITIVE),
-    'checkpoint_every_steps': Key(int, rule=NON_NEGATIVE),
-    'keep_checkpoints': Key(int, rule=POSITIVE),
-    'divergence_factor': Key(float, rule=NON_NEGATIVE),
-    'progress': Key(bool),
-    'profile_steps': Key(int, rule=NON_NEGATIVE),
-    'data.source': Key(str, choices=('idx', 'tfds')),
-    'data.dir': Key(str),
-    'data.augment': Key(str, choices=input_pipeline.AUGMENTATIONS),
-    'data.augment_pixels': Key(int, rule=NON_NEGATIVE),
-    'data.name': Key(str),
-    'data.download': Key(bool),
-    'data.num_train': Key(int, rule=NON_NEGATIVE),
-    'model.num_blocks': Key(int, rule=POSITIVE),
-    'model.activation': Key(str, choices=models.ACTIVATIONS),
-    'model.hidden': Key(tuple, item=int, rule=POSITIVE),
-    'model.dropout': Key(float, rule=FRACTION),
-    'model.num_classes': Key(int, rule=POSITIVE),
-    'model.ops': Key(str, choices=ops.BACKENDS),
-    'model.layout': Key(str, choices=ops.LAYOUTS),
-    'model.dtype': Key(str, choices=ops.DTYPES),
+    **_keys(Spec),
     **{f'model.{name}': dataclasses.replace(key, kind=tuple, item=key.kind)
        for name, key in BLOCK_SCHEMA.items()},
 }
@@ -120,6 +150,7 @@ SCHEMA = {
 # whose config.json lacks the key computed (read by workdir.config_from_dict); for a
 # per-block key, its field's default.
 ABSENT = {'model.dtype': 'float32', 'profile_steps': 0,
+          'data.augment': 'none', 'data.augment_pixels': 2,  # No augmentation before them.
           **{f'model.{name}': (default,) for name, default in BLOCK_DEFAULTS.items()}}
 
 
@@ -162,8 +193,10 @@ def check_key(name: str, key: Key, value) -> None:
     raise ConfigError(f'{name} must be {key.rule.says}, got {value!r}')
 
 
-def validate(config, available_devices: int) -> None:
-  """Raises ConfigError naming the first key whose value cannot work."""
+def read(config) -> Spec:
+  """The config as a Spec; raises ConfigError naming the first key whose value cannot
+  be read: unknown or missing keys, wrong types or values, per-block tuples of the wrong
+  length. What depends on this machine's devices is `validate`'s."""
   flat = flatten(config)
   unknown = sorted(set(flat) - set(SCHEMA))
   if unknown:
@@ -174,89 +207,94 @@ def validate(config, available_devices: int) -> None:
   for name, key in SCHEMA.items():
     if name in flat:
       check_key(name, key, flat[name])
+      if key.kind is tuple:
+        flat[name] = tuple(flat[name])
   if flat['seed'] + flat['num_seeds'] > MAX_SEED:
     raise ConfigError(f'seed={flat["seed"]} + num_seeds={flat["num_seeds"]} exceeds {MAX_SEED}')
-  block_settings(config.model)  # Checks the per-block tuple lengths.
-  if flat['num_devices'] > available_devices:
-    raise ConfigError(f'num_devices={flat["num_devices"]} but only {available_devices} local '
-                      f'devices exist')
-  num_devices = flat['num_devices'] or available_devices
-  for key in ('batch_size', 'eval_batch_size'):
-    if flat[key] % num_devices:
-      raise ConfigError(f'{key}={flat[key]} is not divisible by the {num_devices} devices; '
-                        f'use a multiple of {num_devices}')
-  per_device = flat['batch_size'] // num_devices
-  micro = flat['micro_batch_size']
-  if micro and per_device % micro:
-    raise ConfigError(f'micro_batch_size={micro} does not divide the per-device batch of '
-                      f'{per_device} (batch_size={flat["batch_size"]} over {num_devices} '
-                      f'device(s)); use a divisor of {per_device}, or 0 for the whole batch')
-  every, log_every = flat['checkpoint_every_steps'], flat['log_every_steps']
-  if every and (not log_every or every % log_every):
-    raise ConfigError(f'checkpoint_every_steps={every}: checkpoints are written where a compiled '
-                      f'chunk of steps ends (every log_every_steps={log_every} steps; 0 = whole '
-                      f'epochs), so it must be a multiple of log_every_steps > 0')
-  if flat['model.dtype'] == 'bfloat16' and ops.resolve(flat['model.ops']) == 'cpu':
-    raise ConfigError("model.dtype='bfloat16' computes on the library ops, and the CPU kernels "
-                      "that model.ops picks here compute in float32: set model.ops='xla', or "
-                      "model.dtype='auto'")
-  if micro and micro < per_device and 'batch' in flat['model.norm']:
-    raise ConfigError(f'micro_batch_size={micro} with model.norm=\'batch\': BatchNorm would '
-                      f'normalise over slices of {micro}, not the batch; use 0')
+  spec = _spec(Spec, flat)
+  return dataclasses.replace(spec, model=dataclasses.replace(spec.model, blocks=_blocks(flat)),
+                             record=config.to_dict())
 
 
-def block_settings(model_config) -> tuple[dict[str, Any], ...]:
-  """Per-block tuples -> one dict of ConvBlock settings per block (model.num_blocks)."""
-  n = model_config.num_blocks
+def _spec(spec: type, flat: dict[str, Any], prefix: str = ''):
+  """A spec class filled from the flat config (nested specs from their prefix)."""
+  return spec(**{f.name: (_spec(f.type, flat, f'{prefix}{f.name}.')
+                          if dataclasses.is_dataclass(f.type) else flat[prefix + f.name])
+                 for f in dataclasses.fields(spec) if 'key' in f.metadata})
+
+
+def _blocks(flat: dict[str, Any]) -> tuple[shapes.Block, ...]:
+  """The per-block tuples -> one shapes.Block per block (model.num_blocks)."""
+  n = flat['model.num_blocks']
   columns = {}
   for name in BLOCK_SCHEMA:
-    values = tuple(model_config[name]) if name in model_config else (BLOCK_DEFAULTS[name],)
+    values = flat.get(f'model.{name}', (BLOCK_DEFAULTS.get(name),))
     if len(values) not in (1, n):
       raise ConfigError(f'model.{name} has {len(values)} entries {values} but '
                         f'model.num_blocks is {n}: give one value for all blocks or one per '
                         f'block')
     columns[name] = values * n if len(values) == 1 else values
-  blocks = tuple({name: columns[name][i] for name in BLOCK_SCHEMA} for i in range(n))
+  blocks = tuple(shapes.Block(**{name: columns[name][i] for name in BLOCK_SCHEMA})
+                 for i in range(n))
   for i, block in enumerate(blocks):
-    if block['norm'] == 'group' and block['filters'] % block['norm_groups']:
-      raise ConfigError(f"model.norm_groups: block {i}'s {block['filters']} filters do not "
-                        f"split into {block['norm_groups']} groups for norm='group'; use a "
-                        f'divisor of {block["filters"]}')
+    if block.norm == 'group' and block.filters % block.norm_groups:
+      raise ConfigError(f"model.norm_groups: block {i}'s {block.filters} filters do not "
+                        f"split into {block.norm_groups} groups for norm='group'; use a "
+                        f'divisor of {block.filters}')
   return blocks
 
 
-def model_args(model_config) -> dict[str, Any]:
-  """Keyword arguments of models.ConvNet from the `model` part of a config."""
-  return dict(blocks=block_settings(model_config), activation=model_config.activation,
-              hidden=tuple(model_config.hidden), dropout=model_config.dropout,
-              num_classes=model_config.num_classes,
-              ops=ops.make(model_config.ops, model_config.layout, model_config.dtype))
+def validate(config, available_devices: int) -> Spec:
+  """`read`, then what depends on the devices: the config as a Spec, or ConfigError
+  naming the first key whose value cannot work on `available_devices` devices."""
+  spec = read(config)
+  if spec.num_devices > available_devices:
+    raise ConfigError(f'num_devices={spec.num_devices} but only {available_devices} local '
+                      f'devices exist')
+  num_devices = spec.num_devices or available_devices
+  for key in ('batch_size', 'eval_batch_size'):
+    if getattr(spec, key) % num_devices:
+      raise ConfigError(f'{key}={getattr(spec, key)} is not divisible by the {num_devices} '
+                        f'devices; use a multiple of {num_devices}')
+  per_device = spec.batch_size // num_devices
+  micro = spec.micro_batch_size
+  if micro and per_device % micro:
+    raise ConfigError(f'micro_batch_size={micro} does not divide the per-device batch of '
+                      f'{per_device} (batch_size={spec.batch_size} over {num_devices} '
+                      f'device(s)); use a divisor of {per_device}, or 0 for the whole batch')
+  every, log_every = spec.checkpoint_every_steps, spec.log_every_steps
+  if every and (not log_every or every % log_every):
+    raise ConfigError(f'checkpoint_every_steps={every}: checkpoints are written where a compiled '
+                      f'chunk of steps ends (every log_every_steps={log_every} steps; 0 = whole '
+                      f'epochs), so it must be a multiple of log_every_steps > 0')
+  if spec.model.dtype == 'bfloat16' and ops.resolve(spec.model.ops) == 'cpu':
+    raise ConfigError("model.dtype='bfloat16' computes on the library ops, and the CPU kernels "
+                      "that model.ops picks here compute in float32: set model.ops='xla', or "
+                      "model.dtype='auto'")
+  if micro and micro < per_device and any(block.norm == 'batch' for block in spec.model.blocks):
+    raise ConfigError(f'micro_batch_size={micro} with model.norm=\'batch\': BatchNorm would '
+                      f'normalise over slices of {micro}, not the batch; use 0')
+  return spec
 
 
-def check_shapes(blocks: Sequence[Mapping[str, Any]], image_shape: Sequence[int]) -> None:
+def check_shapes(blocks: Sequence[shapes.Block], image_shape: Sequence[int]) -> None:
   """Raises ConfigError if a kernel or pooling window does not fit its block's input."""
   h, w, _ = image_shape
   for i, block in enumerate(blocks):
-    k = shapes.kernel_extent(block)
+    k = block.conv_extent
     if k > min(h, w):
-      dilated = (f' dilated by {block["dilation"]} (spanning {k}x{k})'
-                 if block.get('dilation', 1) > 1 else '')
-      raise ConfigError(f'model.kernel_size: block {i} has a {block["kernel_size"]}x'
-                        f'{block["kernel_size"]} kernel{dilated} but its input is only {h}x{w}')
-    conv_h, conv_w = (shapes.conv_output_size(n, k, block['stride'], block['padding'])
-                      for n in (h, w))
-    pool = shapes.POOLS[block['pool']]
-    pooled = [pool.output_size(n, block['pool_size'], block['pool_stride'])
-              for n in (conv_h, conv_w)]
+      spans = f' spanning {k}x{k} (Block.conv_extent)' if k != block.kernel_size else ''
+      raise ConfigError(f'model.kernel_size: block {i} has a {block.kernel_size}x'
+                        f'{block.kernel_size} kernel{spans} but its input is only {h}x{w}')
+    conv_h, conv_w = block.conv_output_size(h), block.conv_output_size(w)
+    pooled = [block.output_size(n) for n in (h, w)]
     if min(pooled) < 1:
       # The stride is to blame if the window would have fit the map a stride of 1 leaves.
-      unstrided = shapes.conv_output_size(min(h, w), k, 1, block['padding'])
-      blame = ('model.stride' if block['stride'] > 1 and
-               pool.output_size(unstrided, block['pool_size'], block['pool_stride']) >= 1
-               else 'model.pool_size')
-      raise ConfigError(f'{blame}: block {i}\'s conv (kernel {k}, stride {block["stride"]}, '
-                        f'{block["padding"]}) takes {h}x{w} to {conv_h}x{conv_w}, which its '
-                        f'{block["pool_size"]}x{block["pool_size"]} pooling leaves less than 1x1')
+      unstrided = dataclasses.replace(block, stride=1).output_size(min(h, w))
+      blame = 'model.stride' if block.stride > 1 and unstrided >= 1 else 'model.pool_size'
+      raise ConfigError(f'{blame}: block {i}\'s conv (kernel {k}, stride {block.stride}, '
+                        f'{block.padding}) takes {h}x{w} to {conv_h}x{conv_w}, which its '
+                        f'{block.pool_size}x{block.pool_size} pooling leaves less than 1x1')
     h, w = pooled
 
 

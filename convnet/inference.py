@@ -12,21 +12,23 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from convnet import checkpoint, input_pipeline, models, train
+from convnet import checkpoint, config_lib, input_pipeline, models, train
 from convnet import workdir as workdir_lib
 
 
 class Trained:
-  """A finished or checkpointed run, from its workdir alone: config, model (one device),
-  variables (seed 0) and the normalisation its training data had (data.json)."""
+  """A finished or checkpointed run, from its workdir alone: its config (`spec`), model
+  (one device), variables (seed 0) and the normalisation its training data had
+  (data.json)."""
 
   def __init__(self, workdir: str):
-    self.config = workdir_lib.config_from_dict(read_record(workdir, 'config.json'))
+    self.spec = config_lib.read(workdir_lib.config_from_dict(
+        read_record(workdir, 'config.json'), os.path.join(workdir, 'config.json')))
     self.data = read_record(workdir, 'data.json')
     image_shape = tuple(self.data['image_shape'])
-    run = train.init_run(self.config, image_shape, steps_per_epoch=1, axis_name=None)
+    run = train.init_run(self.spec, image_shape, steps_per_epoch=1, axis_name=None)
     self.model = run.model  # The kernels training used here: the same forward pass.
-    with checkpoint.manager(workdir, self.config.keep_checkpoints, read_only=True) as checkpoints:
+    with checkpoint.manager(workdir, self.spec.keep_checkpoints, read_only=True) as checkpoints:
       restored = train.restore_checkpoint(checkpoints, run.state,
                                           (run.data_keys, run.dropout_keys), read_only=True)
     if restored is None:

@@ -15,7 +15,7 @@ The registries below are the choices config validation offers: a new norm layer 
 activation is one entry here; pooling types live in shapes.POOLS.
 """
 
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -93,82 +93,64 @@ NORMS = {
 
 
 class ConvBlock(nn.Module):
-  """conv -> [norm] -> activation -> [pool]: one block of the lesson's model.
+  """conv -> [norm] -> activation -> [pool]: one block of the lesson's model, as its
+  `spec` (a shapes.Block: the per-block config keys and their geometry) sets it.
 
   Input and output have rows and columns on axes 1 and 2 (NHWC, or CHWN when the
   CPU kernels run batch-innermost); the parameters are the same either way.
-
-  Each int or str field (but those in NOT_PER_BLOCK) is a per-block config key,
-  model.<field> (config_lib.BLOCK_SCHEMA): an int must be > 0, a str one of its
-  BLOCK_CHOICES; a config without the key takes the field's default. A new field with a
-  default is a config key at once.
   """
-  filters: int
-  kernel_size: int = 3
-  stride: int = 1
-  dilation: int = 1  # Taps this many pixels apart: a 3x3 kernel dilated by 2 spans 5x5.
-  padding: str = 'SAME'  # 'SAME' keeps the size (at stride 1); 'VALID' loses kernel_size - 1.
-  norm: str = 'none'  # A key of NORMS.
-  norm_groups: int = 8  # norm='group': channel groups (dividing filters).
-  activation: str = 'relu'  # A key of ACTIVATIONS.
-  pool: str = 'max'  # A key of shapes.POOLS.
-  pool_size: int = 2
-  pool_stride: int = 2
+  spec: shapes.Block
+  activation: str = 'relu'  # A key of ACTIVATIONS (model.activation: one for every block).
   ops: Ops = Ops()
   axis_name: Optional[str] = None  # BatchNorm statistics are averaged over this pmap axis.
   conv_outputs: Optional[tuple[int, int]] = None  # Leading conv outputs to compute; None: all.
 
-  # Fields the net sets (model.activation is one key for every block), not per-block keys.
-  NOT_PER_BLOCK = ('activation', 'ops', 'axis_name', 'conv_outputs', 'parent', 'name')
-
   @property
   def commutes_with_max_pool(self) -> bool:
     """Whether what comes between conv and pool (a bias, the activation) commutes with a max."""
-    return NORMS[self.norm] is None and ACTIVATIONS[self.activation].nondecreasing
+    return NORMS[self.spec.norm] is None and ACTIVATIONS[self.activation].nondecreasing
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    ops = self.ops
+    ops, spec = self.ops, self.spec
     in_channels = x.shape[ops.channel_axis]
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (self.kernel_size, self.kernel_size, in_channels, self.filters),
+                        (spec.kernel_size, spec.kernel_size, in_channels, spec.filters),
                         jnp.float32)
-    if ops.pools_with_conv(self, in_channels):  # One matmul for conv and max pool (CPU).
-      y = ops.conv_max_pool(x, kernel, padding=self.padding, window=self.pool_size,
-                            conv_outputs=self.conv_outputs)
+    if ops.pools_with_conv(spec, in_channels, self.commutes_with_max_pool):  # One matmul (CPU).
+      y = ops.conv_max_pool(x, kernel, spec, conv_outputs=self.conv_outputs)
       return ACTIVATIONS[self.activation].fn(self._normalize(y, train))
-    y = ops.conv2d(x, kernel, stride=self.stride, padding=self.padding,
-                   dilation=self.dilation, out_size=self.conv_outputs)
+    y = ops.conv2d(x, kernel, spec, out_size=self.conv_outputs)
     y = self._normalize(y, train)
     y = ACTIVATIONS[self.activation].fn(y)
     self.sow('intermediates', 'conv', ops.to_nhwc(y))  # Kept only when asked for (visualize).
-    y = ops.pool2d(y, kind=self.pool, window=self.pool_size, stride=self.pool_stride)
+    y = ops.pool2d(y, spec)
     self.sow('intermediates', 'pool', ops.to_nhwc(y))
     return y
 
   def _normalize(self, y, train: bool):
     """The norm layer, or a bias where there is none (a bias before a norm is redundant)."""
-    make_norm = NORMS[self.norm]
+    make_norm = NORMS[self.spec.norm]
     if make_norm is None:
-      bias = self.param('bias', nn.initializers.zeros, (self.filters,), jnp.float32)
+      bias = self.param('bias', nn.initializers.zeros, (self.spec.filters,), jnp.float32)
       return y + self.ops.per_channel(bias).astype(y.dtype)
-    return make_norm(NormSite(channels=self.filters, channel_axis=self.ops.channel_axis,
+    return make_norm(NormSite(channels=self.spec.filters, channel_axis=self.ops.channel_axis,
                               train=train, axis_name=self.axis_name, dtype=self.ops.dtype,
-                              groups=self.norm_groups))(y)
+                              groups=self.spec.norm_groups))(y)
 
 
-# The values a per-block str field may take (a registry's names at validation time).
+# The values a per-block str field (of shapes.Block) may take: a registry's names at
+# validation time.
 BLOCK_CHOICES = {'padding': shapes.PADDINGS, 'norm': NORMS, 'pool': shapes.POOLS}
 
 
 class ConvNet(nn.Module):
   """Conv blocks, flatten, dense hidden layers (each after a dropout), dropout, logits.
 
-  `blocks` holds one mapping of ConvBlock settings per block (filters, kernel_size,
-  stride, padding, norm, pool, pool_size, pool_stride); images come in as NHWC. The
+  `blocks` holds one shapes.Block per conv block; images come in as NHWC. The
   layers compute in ops.dtype; the logits come out in float32, for the loss.
   """
-  blocks: Sequence[Mapping[str, Any]]
+  blocks: Sequence[shapes.Block]
   activation: str = 'relu'
   hidden: Sequence[int] = (128,)
   dropout: float = 0.0
@@ -181,7 +163,7 @@ class ConvNet(nn.Module):
     conv_outputs = self.ops.conv_outputs(self.blocks, x.shape[1:3])
     x = self.ops.to_blocks(x)
     for block, outputs in zip(self.blocks, conv_outputs):
-      x = ConvBlock(**block, activation=self.activation, ops=self.ops,
+      x = ConvBlock(block, activation=self.activation, ops=self.ops,
                     axis_name=self.axis_name, conv_outputs=outputs)(x, train)
     x = self.ops.to_nhwc(x)
     x = x.reshape(x.shape[0], -1)

@@ -21,7 +21,7 @@ same either way); the CPU kernels compute in float32.
 import dataclasses
 import functools
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,17 @@ DTYPES = ('auto', 'float32', 'bfloat16')
 LAYOUTS = cpu_layout.LAYOUTS
 # Pools with a CPU kernel; any other registered pool runs its own `apply` on both backends.
 CPU_POOLS = {'max': cpu_pool.max_pool, 'avg': cpu_pool.avg_pool}
+
+# The shapes.Block fields the CPU kernels were written for. Each kernel lists the values
+# it handles (None: any); a block setting a field it does not list away from its default,
+# or a listed one to another value, runs that op on the library ops instead
+# (Block.unhandled), said once: a new option is never skipped by a kernel that predates it.
+CPU_KNOWN = dict.fromkeys(('filters', 'kernel_size', 'stride', 'dilation', 'padding', 'norm',
+                           'norm_groups', 'pool', 'pool_size', 'pool_stride'))
+CPU_CONV_HANDLES = {**CPU_KNOWN, 'dilation': (1,)}
+CPU_POOL_HANDLES = {**CPU_KNOWN, 'pool': tuple(CPU_POOLS)}
+# The one-matmul conv + max pool (Ops.pools_with_conv).
+FUSED_HANDLES = {**CPU_CONV_HANDLES, 'stride': (1,), 'pool': ('max',)}
 
 
 def resolve(name: str) -> str:
@@ -109,13 +120,6 @@ def _library_conv_bwd(stride, padding, dilation, residuals, dy):
 library_conv.defvjp(_library_conv_fwd, _library_conv_bwd)
 
 
-# The ConvBlock fields the fused conv + max-pool kernel (Ops.pools_with_conv) knows: a
-# block with any other per-block field away from its default is never fused, so a new
-# option cannot be skipped there.
-FUSED_FIELDS = ('filters', 'kernel_size', 'stride', 'dilation', 'padding', 'norm',
-                'norm_groups', 'pool', 'pool_size', 'pool_stride')
-
-
 @dataclasses.dataclass(frozen=True)
 class Ops:
   """A resolved backend ('xla' | 'cpu'), the layout its conv blocks run in and the dtype
@@ -140,34 +144,32 @@ class Ops:
     """A [channels] vector shaped to broadcast over the blocks' layout (a bias)."""
     return v[:, None, None, None] if self.layout == 'CHWN' else v
 
-  def conv2d(self, x, kernel, *, stride: int, padding: str, dilation: int = 1,
+  def conv2d(self, x, kernel, block: shapes.Block,
              out_size: Optional[tuple[int, int]] = None):
-    """Convolution with an HWIO kernel; out_size: only these leading outputs (CPU kernels).
-
-    The CPU kernels have no dilation: a dilated conv runs the library conv there (in
-    NHWC, its leading out_size outputs kept), said once per process."""
-    if self.backend == 'cpu' and dilation == 1:
-      return cpu_conv.conv2d(x, kernel, stride=stride, padding=padding, layout=self.layout,
-                             out_size=out_size)
+    """`block`'s convolution with an HWIO kernel; out_size: only these leading outputs
+    (CPU kernels). A block the CPU conv does not handle (CPU_CONV_HANDLES) runs the
+    library conv there (in NHWC, its leading out_size outputs kept), said once."""
     if self.backend == 'cpu':
-      say_once(f'model.dilation={dilation}: the CPU kernels have no dilated conv; such blocks '
-               f'run the library conv (lax.conv_general_dilated)')
-      y = self.to_blocks(Ops().conv2d(self.to_nhwc(x), kernel, stride=stride, padding=padding,
-                                      dilation=dilation))
+      unhandled = block.unhandled(CPU_CONV_HANDLES)
+      if unhandled is None:
+        return cpu_conv.conv2d(x, kernel, block, layout=self.layout, out_size=out_size)
+      say_once(f'model.{unhandled}: the CPU conv kernel does not handle it; such blocks run '
+               f'the library conv (lax.conv_general_dilated)')
+      y = self.to_blocks(Ops().conv2d(self.to_nhwc(x), kernel, block))
       return y if out_size is None else y[:, :out_size[0], :out_size[1]]
     if out_size is not None:
       raise ValueError('out_size is a CPU-kernel plan; the library conv computes every output')
-    extent = [(n - 1) * dilation + 1 for n in kernel.shape[:2]]
-    pads = lax.padtype_to_pads(x.shape[1:3], extent, (stride, stride), padding)
-    return library_conv(x.astype(self.dtype), kernel.astype(self.dtype), stride,
-                        tuple(map(tuple, pads)), dilation)
+    pads = tuple(block.conv_padding(n) for n in x.shape[1:3])
+    return library_conv(x.astype(self.dtype), kernel.astype(self.dtype), block.stride, pads,
+                        block.dilation)
 
-  def pool2d(self, x, *, kind: str, window: int, stride: int):
-    """Pooling of rows and columns (axes 1 and 2) by the registered pool `kind`."""
-    pool = shapes.POOLS[kind]
-    if self.backend == 'cpu' and kind in CPU_POOLS:
-      return CPU_POOLS[kind](x, window, stride, fallback=pool.apply)
-    return pool.apply(x, window, stride)
+  def pool2d(self, x, block: shapes.Block):
+    """`block`'s pooling of rows and columns (axes 1 and 2) by its registered pool: on the
+    CPU kernels, the CPU_POOLS kernel where CPU_POOL_HANDLES covers the block."""
+    pool = shapes.POOLS[block.pool]
+    if self.backend == 'cpu' and block.unhandled(CPU_POOL_HANDLES) is None:
+      return CPU_POOLS[block.pool](x, block.pool_size, block.pool_stride, fallback=pool.apply)
+    return pool.apply(x, block.pool_size, block.pool_stride)
 
   def conv_outputs(self, blocks, image_hw) -> list[Optional[tuple[int, int]]]:
     """Per block, the conv outputs to compute (None: all). The library ops compute all."""
@@ -175,28 +177,23 @@ class Ops:
       return shapes.conv_outputs_read(blocks, image_hw)
     return [None] * len(blocks)
 
-  def pools_with_conv(self, block: Any, in_channels: int) -> bool:
+  def pools_with_conv(self, block: shapes.Block, in_channels: int, commutes: bool) -> bool:
     """Whether `block` runs its conv and max pool as one matmul (cpu/phases.py): CPU
-    kernels in CHWN, a one-channel input, stride 1, no dilation, tiling max-pool
-    windows, no norm layer and a nondecreasing activation between conv and pool, and
-    every per-block field that kernel does not know (FUSED_FIELDS) at its default."""
-    unknown_set = any(getattr(block, f.name) != f.default for f in dataclasses.fields(block)
-                      if f.name not in (*block.NOT_PER_BLOCK, *FUSED_FIELDS))
+    kernels in CHWN, a one-channel input, a block that kernel handles (FUSED_HANDLES:
+    stride 1, no dilation, max pooling) with tiling windows, and what comes between conv
+    and pool commuting with the max (`commutes`: no norm layer, a nondecreasing activation)."""
     return (self.backend == 'cpu' and self.layout == 'CHWN' and in_channels == 1
-            and not unknown_set
-            and block.stride == 1 and block.dilation == 1 and block.pool == 'max'
-            and block.pool_size == block.pool_stride and block.commutes_with_max_pool)
+            and block.unhandled(FUSED_HANDLES) is None
+            and block.pool_size == block.pool_stride and commutes)
 
-  def conv_max_pool(self, x, kernel, *, padding: str, window: int,
+  def conv_max_pool(self, x, kernel, block: shapes.Block,
                     conv_outputs: Optional[tuple[int, int]] = None):
-    """max_pool(conv2d(x, kernel, stride 1), window x window tiles) (see pools_with_conv)."""
-    kh, kw = kernel.shape[:2]
-    if padding == 'SAME':
-      x = cpu_conv.pad_same(x, kh, kw, 1)
+    """max_pool(conv2d(x, kernel), pool_size tiles) for a block pools_with_conv takes."""
+    window = block.pool_size
     pooled = None if conv_outputs is None else tuple(
         shapes.valid_windows(n, window, window) for n in conv_outputs)
-    return cpu_phases.conv_max_pool(x, kernel, window=window, layout=self.layout,
-                                    out_size=pooled)
+    return cpu_phases.conv_max_pool(cpu_conv.pad(x, block), kernel, window=window,
+                                    layout=self.layout, out_size=pooled)
 
   @property
   def Dropout(self):  # pylint: disable=invalid-name

@@ -12,16 +12,24 @@ import time
 
 import numpy as np
 
-from convnet import config_lib, input_pipeline, shapes
+from convnet import input_pipeline, shapes
 
 
-def _unsupported(config) -> str:
-  blocks = config_lib.block_settings(config.model)
-  if any(block['norm'] != 'none' for block in blocks):
-    return 'normalisation layers are not built for peers'
-  if any(block['pool'] not in ('max', 'avg', 'none') for block in blocks):
-    return 'peers build max, average or no pooling only'
-  if config.model.activation != 'relu' or config.optimizer != 'adam':
+# The shapes.Block fields the peers build, with the values they build (None: any); a
+# block setting another field away from its default is not built (Block.unhandled), so a
+# new option is never left out of a peer's model.
+HANDLES = dict(filters=None, kernel_size=None, stride=None, dilation=None, padding=None,
+               norm=('none',), norm_groups=None, pool=('max', 'avg', 'none'), pool_size=None,
+               pool_stride=None)
+
+
+def _unsupported(spec) -> str:
+  """Why the peers cannot build spec's model (a config_lib.Spec), or ''."""
+  for block in spec.model.blocks:
+    field = block.unhandled(HANDLES)
+    if field:
+      return f'peers do not build model.{field}'
+  if spec.model.activation != 'relu' or spec.optimizer != 'adam':
     return 'peers are built with ReLU and Adam only'
   return ''
 
@@ -34,66 +42,66 @@ def _inputs(data, num_images: int):
   return images, data.train.labels[:num_images].astype(np.int64)
 
 
-def keras_model(config):
+def keras_model(spec):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   layers = [tf.keras.Input((28, 28, 1))]
-  for block in config_lib.block_settings(config.model):
-    layers.append(tf.keras.layers.Conv2D(block['filters'], block['kernel_size'], block['stride'],
-                                         block['padding'].lower(), activation='relu',
-                                         dilation_rate=block['dilation']))
-    if block['pool'] != 'none':
-      pool = (tf.keras.layers.MaxPooling2D if block['pool'] == 'max'
+  for block in spec.model.blocks:
+    layers.append(tf.keras.layers.Conv2D(block.filters, block.kernel_size, block.stride,
+                                         block.padding.lower(), activation='relu',
+                                         dilation_rate=block.dilation))
+    if block.pool != 'none':
+      pool = (tf.keras.layers.MaxPooling2D if block.pool == 'max'
               else tf.keras.layers.AveragePooling2D)
-      layers.append(pool(block['pool_size'], block['pool_stride']))
+      layers.append(pool(block.pool_size, block.pool_stride))
   layers.append(tf.keras.layers.Flatten())
-  for width in config.model.hidden:
-    layers += [tf.keras.layers.Dropout(config.model.dropout),
+  for width in spec.model.hidden:
+    layers += [tf.keras.layers.Dropout(spec.model.dropout),
                tf.keras.layers.Dense(width, activation='relu')]
-  layers += [tf.keras.layers.Dropout(config.model.dropout),
-             tf.keras.layers.Dense(config.model.num_classes)]
+  layers += [tf.keras.layers.Dropout(spec.model.dropout),
+             tf.keras.layers.Dense(spec.model.num_classes)]
   model = tf.keras.Sequential(layers)
-  model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate),
+  model.compile(optimizer=tf.keras.optimizers.Adam(spec.learning_rate),
                 loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   return model
 
 
-def keras_trainer(config, data, steps: int):
+def keras_trainer(spec, data, steps: int):
   """tf.keras `fit` over steps batches per call (images/s), after one warm-up epoch."""
-  model = keras_model(config)
-  x, y = _inputs(data, steps * config.batch_size)
-  model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
+  model = keras_model(spec)
+  x, y = _inputs(data, steps * spec.batch_size)
+  model.fit(x, y, batch_size=spec.batch_size, epochs=1, verbose=0)
 
   def repeat() -> float:
     start = time.perf_counter()
-    model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0)
+    model.fit(x, y, batch_size=spec.batch_size, epochs=1, verbose=0)
     return len(y) / (time.perf_counter() - start)
   return repeat
 
 
-def torch_model(config):
+def torch_model(spec):
   import torch  # pylint: disable=import-outside-toplevel
-  blocks = config_lib.block_settings(config.model)
+  blocks = spec.model.blocks
   layers, channels = [], 1
   for block in blocks:
-    k, stride, padding = block['kernel_size'], block['stride'], block['padding']
+    k, stride, padding = block.kernel_size, block.stride, block.padding
     if padding == 'SAME' and stride != 1:
       raise ValueError('SAME padding with stride > 1')
-    layers += [torch.nn.Conv2d(channels, block['filters'], k, stride,
+    layers += [torch.nn.Conv2d(channels, block.filters, k, stride,
                                padding='same' if padding == 'SAME' else 0,
-                               dilation=block['dilation']), torch.nn.ReLU()]
-    if block['pool'] != 'none':
-      pool = torch.nn.MaxPool2d if block['pool'] == 'max' else torch.nn.AvgPool2d
-      layers.append(pool(block['pool_size'], block['pool_stride']))
-    channels = block['filters']
+                               dilation=block.dilation), torch.nn.ReLU()]
+    if block.pool != 'none':
+      pool = torch.nn.MaxPool2d if block.pool == 'max' else torch.nn.AvgPool2d
+      layers.append(pool(block.pool_size, block.pool_stride))
+    channels = block.filters
   size, _, channels = shapes.feature_shapes(blocks, (28, 28, 1))[-1]
   layers.append(torch.nn.Flatten())
   width = channels * size * size
-  for hidden in config.model.hidden:
-    layers += [torch.nn.Dropout(config.model.dropout), torch.nn.Linear(width, hidden),
+  for hidden in spec.model.hidden:
+    layers += [torch.nn.Dropout(spec.model.dropout), torch.nn.Linear(width, hidden),
                torch.nn.ReLU()]
     width = hidden
-  layers += [torch.nn.Dropout(config.model.dropout),
-             torch.nn.Linear(width, config.model.num_classes)]
+  layers += [torch.nn.Dropout(spec.model.dropout),
+             torch.nn.Linear(width, spec.model.num_classes)]
   return torch.nn.Sequential(*layers)
 
 
@@ -103,16 +111,16 @@ def torch_device(jax_backend: str, cuda_available: bool) -> str:
   return 'cuda' if jax_backend == 'gpu' and cuda_available else 'cpu'
 
 
-def torch_trainer(config, data, steps: int):
+def torch_trainer(spec, data, steps: int):
   """A plain PyTorch loop (eager, NCHW) over steps batches per call (images/s), after one
   warm-up epoch, on the device torch_device picks."""
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
   device = torch_device(jax.default_backend(), torch.cuda.is_available())
-  model = torch_model(config).to(device)
-  optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-  x, y = _inputs(data, steps * config.batch_size)
+  model = torch_model(spec).to(device)
+  optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
+  x, y = _inputs(data, steps * spec.batch_size)
   x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
   y = torch.from_numpy(y).to(device)
   loss_fn = torch.nn.CrossEntropyLoss()
@@ -120,7 +128,7 @@ def torch_trainer(config, data, steps: int):
   def epoch():
     order = torch.randperm(len(y), device=device)
     for i in range(steps):
-      idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+      idx = order[i * spec.batch_size:(i + 1) * spec.batch_size]
       optimizer.zero_grad()
       loss_fn(model(x[idx]), y[idx]).backward()
       optimizer.step()
@@ -146,9 +154,9 @@ _MODULES = {'tf.keras': 'tensorflow', 'pytorch': 'torch'}
 _TRAINERS = {'tf.keras': keras_trainer, 'pytorch': torch_trainer}
 
 
-def trainers(config, data, steps: int) -> tuple[dict, dict]:
+def trainers(spec, data, steps: int) -> tuple[dict, dict]:
   """({peer: a function that times one repeat}, {peer: why it is skipped})."""
-  reason = _unsupported(config)
+  reason = _unsupported(spec)
   if reason:
     return {}, {name: reason for name in NAMES}
   runs, skipped = {}, {}
@@ -156,5 +164,5 @@ def trainers(config, data, steps: int) -> tuple[dict, dict]:
     if importlib.util.find_spec(_MODULES[name]) is None:
       skipped[name] = f'{_MODULES[name]} not installed (pip install -e ".[bench]")'
     else:
-      runs[name] = _TRAINERS[name](config, data, steps)
+      runs[name] = _TRAINERS[name](spec, data, steps)
   return runs, skipped

@@ -1,10 +1,12 @@
-"""Output sizes, the pooling registry, and which conv outputs the rest of a net reads.
+"""A block's settings and their geometry, the pooling registry, and which conv outputs
+the rest of a net reads.
 
-Every size comes from the config and the input shape, never from a constant, so a
-filter or kernel sweep never meets a stale flatten size. A pooling type is one entry
-of POOLS: how to compute it, its output-size rule, and optionally which leading input
-rows its first outputs read. That last rule is what lets the CPU kernels skip conv
-outputs nothing reads; a pool without it is always computed whole, never cropped.
+Every size comes from the config (a Block per conv block) and the input shape, never
+from a constant, so a filter or kernel sweep never meets a stale flatten size. A
+pooling type is one entry of POOLS: how to compute it, its output-size rule, and
+optionally which leading input rows its first outputs read. That last rule is what lets
+the CPU kernels skip conv outputs nothing reads; a pool without it is always computed
+whole, never cropped.
 """
 
 import dataclasses
@@ -20,11 +22,6 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: str) -> int:
   if padding == 'SAME':
     return -(-size // stride)
   return (size - kernel) // stride + 1
-
-
-def kernel_extent(block: Mapping[str, Any]) -> int:
-  """How many input rows one of a block's conv windows spans: its kernel, dilated."""
-  return (block['kernel_size'] - 1) * block.get('dilation', 1) + 1
 
 
 def windows_extent(count: int, window: int, stride: int) -> int:
@@ -91,50 +88,105 @@ def register_pool(name: str, pool: Pool, replace: bool = False) -> None:
   POOLS[name] = pool
 
 
-def block_output_size(size: int, block: Mapping[str, Any]) -> int:
-  """Spatial size after a block's conv and its pool."""
-  size = conv_output_size(size, kernel_extent(block), block['stride'], block['padding'])
-  return POOLS[block['pool']].output_size(size, block['pool_size'], block['pool_stride'])
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """One conv block's settings, and the geometry they give: its conv's output size, the
+  input rows its conv outputs read, its padding, its pooled size.
+
+  The conv (models.ConvBlock via ops.Ops.conv2d), the size checks, the CPU kernels'
+  crop plan (conv_outputs_read) and the peers all read these methods, so shapes cannot
+  disagree with the conv. Each field is a per-block config key, model.<field>
+  (config_lib.BLOCK_SCHEMA): an int must be > 0, a str one of models.BLOCK_CHOICES; a
+  config without the key takes the default. A new field with a default is a config key at
+  once; a conv option that changes which pixels a window reads changes `conv_extent` here.
+  """
+  filters: int
+  kernel_size: int = 3
+  stride: int = 1
+  dilation: int = 1  # Taps this many pixels apart: a 3x3 kernel dilated by 2 spans 5x5.
+  padding: str = 'SAME'  # 'SAME' keeps the size (at stride 1); 'VALID' loses the extent - 1.
+  norm: str = 'none'  # A key of models.NORMS.
+  norm_groups: int = 8  # norm='group': channel groups (dividing filters).
+  pool: str = 'max'  # A key of POOLS.
+  pool_size: int = 2
+  pool_stride: int = 2
+
+  @property
+  def conv_extent(self) -> int:
+    """How many input rows (or columns) one conv window spans: its kernel, dilated."""
+    return (self.kernel_size - 1) * self.dilation + 1
+
+  def conv_output_size(self, size: int) -> int:
+    return conv_output_size(size, self.conv_extent, self.stride, self.padding)
+
+  def conv_reads(self, outputs: int) -> int:
+    """How many leading rows of the (padded) input the first `outputs` conv outputs read."""
+    return windows_extent(outputs, self.conv_extent, self.stride)
+
+  def conv_padding(self, size: int) -> tuple[int, int]:
+    """The zeros before and after a `size`-long axis (TensorFlow's 'SAME': the odd one after)."""
+    if self.padding == 'VALID':
+      return 0, 0
+    total = max(self.conv_reads(self.conv_output_size(size)) - size, 0)
+    return total // 2, total - total // 2
+
+  def output_size(self, size: int) -> int:
+    """Spatial size after the conv and the pool."""
+    return POOLS[self.pool].output_size(self.conv_output_size(size), self.pool_size,
+                                        self.pool_stride)
+
+  def unhandled(self, handles: Mapping[str, Optional[Sequence[Any]]]) -> Optional[str]:
+    """The first field a kernel written for `handles` would get wrong, as 'name=value', or
+    None: a field it does not list set away from its default, or a listed one at a value
+    outside its tuple (None: any value). So a new option is never skipped by a kernel
+    that predates it."""
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name in handles:
+        allowed = handles[field.name]
+        if allowed is not None and value not in allowed:
+          return f'{field.name}={value!r}'
+      elif value != field.default:
+        return f'{field.name}={value!r}'
+    return None
 
 
-def feature_shapes(blocks: Sequence[Mapping[str, Any]],
+def feature_shapes(blocks: Sequence[Block],
                    image_shape: Sequence[int]) -> list[tuple[int, int, int]]:
   """(height, width, channels) after each block, from the settings alone."""
   h, w, _ = image_shape
   shapes = []
   for block in blocks:
-    h, w = block_output_size(h, block), block_output_size(w, block)
-    shapes.append((h, w, block['filters']))
+    h, w = block.output_size(h), block.output_size(w)
+    shapes.append((h, w, block.filters))
   return shapes
 
 
-def conv_outputs_read(blocks: Sequence[Mapping[str, Any]],
+def conv_outputs_read(blocks: Sequence[Block],
                       image_hw: Sequence[int]) -> list[Optional[tuple[int, int]]]:
   """For each block, the leading rows x cols of its conv output that the rest of the
   net reads, or None where that is all of it.
 
   Walks back from the last block, whose output is flattened whole: a pool with a
   `reads` rule reads the leading conv rows its outputs cover (a partial window at the
-  edge is dropped), and a 'VALID' conv reads windows_extent(outputs) rows of its input,
+  edge is dropped), and a 'VALID' conv reads Block.conv_reads(outputs) rows of its input,
   so the block before may compute fewer. A norm layer's statistics see every output
   and a 'SAME' conv's padding depends on its whole input: there the cut stops.
   """
   inputs = [tuple(image_hw)]
   for block in blocks[:-1]:
-    inputs.append(tuple(block_output_size(n, block) for n in inputs[-1]))
+    inputs.append(tuple(block.output_size(n) for n in inputs[-1]))
   plan, read = [], None  # read: the rows x cols of this block's output the next one reads.
   for block, size in zip(reversed(blocks), reversed(inputs)):
-    k, stride = kernel_extent(block), block['stride']
-    conv = tuple(conv_output_size(n, k, stride, block['padding']) for n in size)
-    pool = POOLS[block['pool']]
-    window, pool_stride = block['pool_size'], block['pool_stride']
-    if block['norm'] != 'none' or pool.reads is None:
+    conv = tuple(block.conv_output_size(n) for n in size)
+    pool = POOLS[block.pool]
+    window, pool_stride = block.pool_size, block.pool_stride
+    if block.norm != 'none' or pool.reads is None:
       needed = conv
     else:
       pooled = read or tuple(pool.output_size(n, window, pool_stride) for n in conv)
       needed = tuple(pool.reads(n, window, pool_stride) for n in pooled)
     plan.insert(0, None if needed == conv else needed)
-    read = (tuple(windows_extent(n, k, stride) for n in needed)
-            if block['padding'] == 'VALID' else None)
+    read = tuple(block.conv_reads(n) for n in needed) if block.padding == 'VALID' else None
     read = None if read == size else read
   return plan

@@ -120,21 +120,22 @@ def check_points(expanded: list[tuple[str, object]], sweep_dir: str) -> None:
       raise config_lib.ConfigError(
           f'sweep point {name[:100]!r}: its directory name must be one path component (no '
           f'"/", not starting with ".") of at most 255 bytes; shorten or change its values')
-    data_key = (config.data.source, config.data.dir, config.data.name, config.data.num_train,
-                config.model.num_classes)
+    spec = config_lib.read(config)  # Validated by expand.
+    data_key = (spec.data.source, spec.data.dir, spec.data.name, spec.data.num_train,
+                spec.model.num_classes)
     if data_key not in datasets:
-      data = train.load_data(config)
-      num_devices = len(parallel.participating_devices(config.num_devices)[0])
-      datasets[data_key] = (data, workdir.data_record(data, config, num_devices))
+      data = train.load_data(spec)
+      num_devices = len(parallel.participating_devices(spec.num_devices)[0])
+      datasets[data_key] = (data, workdir.data_record(data, spec, num_devices))
     data, record = datasets[data_key]
     try:
-      train.check_data(config, data)
+      train.check_data(spec, data)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f'sweep point {name}: {e}') from e
     point_dir = os.path.join(sweep_dir, name)
     workdir.check_path(point_dir)
     if os.path.exists(os.path.join(point_dir, 'results.json')):
-      data_lines, diff = workdir.differences(point_dir, config.to_dict(), record)
+      data_lines, diff = workdir.differences(point_dir, spec.record, record)
       diff += data_lines
       if diff:
         raise workdir.ConfigMismatchError(

@@ -27,7 +27,7 @@ from flax import serialization
 from flax.training import train_state
 from jax import lax
 
-from convnet import (checkpoint, config_lib, input_pipeline, metric_writer, models, optim,
+from convnet import (checkpoint, config_lib, input_pipeline, metric_writer, models, ops, optim,
                      parallel, shapes)
 from convnet import workdir as workdir_lib
 from convnet.cpu import memory
@@ -39,15 +39,17 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-def build_model(model_config, axis_name: str | None = AXIS) -> models.ConvNet:
-  return models.ConvNet(**config_lib.model_args(model_config), axis_name=axis_name)
+def build_model(model: config_lib.Model, axis_name: str | None = AXIS) -> models.ConvNet:
+  return models.ConvNet(blocks=model.blocks, activation=model.activation, hidden=model.hidden,
+                        dropout=model.dropout, num_classes=model.num_classes,
+                        ops=ops.make(model.ops, model.layout, model.dtype), axis_name=axis_name)
 
 
-def create_train_state(key: jax.Array, config, model: models.ConvNet, image_shape,
+def create_train_state(key: jax.Array, spec: config_lib.Spec, model: models.ConvNet, image_shape,
                        learning_rate_fn: optax.Schedule) -> TrainState:
   variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           tx=optim.create_optimizer(config, learning_rate_fn),
+                           tx=optim.create_optimizer(spec, learning_rate_fn),
                            batch_stats=variables.get('batch_stats', {}))
 
 
@@ -132,13 +134,13 @@ def seed_keys(seed: int, num_seeds: int):
   return keys[:, 0], keys[:, 1], keys[:, 2]
 
 
-def create_train_states(init_keys: jax.Array, config, model: models.ConvNet, image_shape,
-                        learning_rate_fn: optax.Schedule) -> TrainState:
+def create_train_states(init_keys: jax.Array, spec: config_lib.Spec, model: models.ConvNet,
+                        image_shape, learning_rate_fn: optax.Schedule) -> TrainState:
   """One TrainState per init key, stacked along a leading seed axis.
 
   Compiled as one program: run op by op, model.init compiles ~140 tiny programs (~5 s).
   """
-  return jax.jit(jax.vmap(lambda key: create_train_state(key, config, model, image_shape,
+  return jax.jit(jax.vmap(lambda key: create_train_state(key, spec, model, image_shape,
                                                          learning_rate_fn)))(init_keys)
 
 
@@ -237,7 +239,7 @@ def shard_for_eval(split: input_pipeline.Split, batch_size: int, num_devices: in
   return layout(padded.images), layout(padded.labels), layout(mask)
 
 
-def training_flops_per_image(model_config, state: TrainState, image_shape) -> float:
+def training_flops_per_image(model_spec: config_lib.Model, state: TrainState, image_shape) -> float:
   """XLA's FLOP count of one forward and backward pass, per image (one seed's state).
 
   Counted on the lowered program: compiling it only for the count would add a compile
@@ -245,7 +247,7 @@ def training_flops_per_image(model_config, state: TrainState, image_shape) -> fl
   the model's arithmetic, and XLA counts them only when they are written out
   (cpu/dropout.py).
   """
-  model = build_model(model_config, axis_name=None).clone(dropout=0.0)
+  model = build_model(model_spec, axis_name=None).clone(dropout=0.0)
   batch = 8
 
   def loss(params, images, labels):
@@ -349,14 +351,14 @@ def restore_checkpoint(checkpoints, state: TrainState, keys, read_only: bool = F
           {k: float(v) for k, v in tree['times'].items()}, step)
 
 
-def load_data(config) -> input_pipeline.Dataset:
-  data = input_pipeline.load_dataset(config.data.source, config.data.dir, config.data.name,
-                                     config.model.num_classes, config.data.download)
-  if config.data.num_train > len(data.train.labels):
-    raise config_lib.ConfigError(f'data.num_train={config.data.num_train} but the training set '
+def load_data(spec: config_lib.Spec) -> input_pipeline.Dataset:
+  data = input_pipeline.load_dataset(spec.data.source, spec.data.dir, spec.data.name,
+                                     spec.model.num_classes, spec.data.download)
+  if spec.data.num_train > len(data.train.labels):
+    raise config_lib.ConfigError(f'data.num_train={spec.data.num_train} but the training set '
                                  f'holds {len(data.train.labels)} images')
-  if config.data.num_train:  # The statistics too are of the images the run trains on.
-    train_split = input_pipeline.Split(*(x[:config.data.num_train] for x in data.train))
+  if spec.data.num_train:  # The statistics too are of the images the run trains on.
+    train_split = input_pipeline.Split(*(x[:spec.data.num_train] for x in data.train))
     mean, std = input_pipeline.pixel_mean_std(train_split.images)
     data = data._replace(train=train_split, mean=mean, std=std)
   return data
@@ -372,30 +374,32 @@ class Run(NamedTuple):
   dropout_keys: jax.Array
 
 
-def init_run(config, image_shape, steps_per_epoch: int, axis_name: str | None = AXIS) -> Run:
-  """The model, schedule, fresh per-seed train states and keys of `config`."""
-  model = build_model(config.model, axis_name)
-  init_keys, data_keys, dropout_keys = seed_keys(config.seed, config.num_seeds)
-  learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
-  state = create_train_states(init_keys, config, model, image_shape, learning_rate_fn)
+def init_run(spec: config_lib.Spec, image_shape, steps_per_epoch: int,
+             axis_name: str | None = AXIS) -> Run:
+  """The model, schedule, fresh per-seed train states and keys of `spec`."""
+  model = build_model(spec.model, axis_name)
+  init_keys, data_keys, dropout_keys = seed_keys(spec.seed, spec.num_seeds)
+  learning_rate_fn = optim.create_learning_rate_fn(spec, steps_per_epoch)
+  state = create_train_states(init_keys, spec, model, image_shape, learning_rate_fn)
   return Run(model, learning_rate_fn, state, data_keys, dropout_keys)
 
 
-def validate(config) -> None:
-  """config_lib.validate against this process's devices and processes."""
-  config_lib.validate(config, jax.local_device_count() if jax.process_count() == 1
-                      else jax.device_count())
-  if config.parallel == 'jit' and jax.process_count() > 1:
+def validate(config: ml_collections.ConfigDict) -> config_lib.Spec:
+  """The config read into a Spec, validated against this process's devices and processes."""
+  spec = config_lib.validate(config, jax.local_device_count() if jax.process_count() == 1
+                             else jax.device_count())
+  if spec.parallel == 'jit' and jax.process_count() > 1:
     raise config_lib.ConfigError("parallel='jit' runs in one process; use parallel='pmap' with "
                                  'jax.distributed')
+  return spec
 
 
-def check_data(config, data: input_pipeline.Dataset) -> int:
+def check_data(spec: config_lib.Spec, data: input_pipeline.Dataset) -> int:
   """Checks the model's shapes and the batch size against the data; returns steps per epoch."""
-  config_lib.check_shapes(config_lib.block_settings(config.model), data.train.images.shape[1:])
-  steps_per_epoch = len(data.train.labels) // config.batch_size
+  config_lib.check_shapes(spec.model.blocks, data.train.images.shape[1:])
+  steps_per_epoch = len(data.train.labels) // spec.batch_size
   if steps_per_epoch == 0:
-    raise config_lib.ConfigError(f'batch_size={config.batch_size} is larger than the '
+    raise config_lib.ConfigError(f'batch_size={spec.batch_size} is larger than the '
                                  f'{len(data.train.labels)} training images')
   return steps_per_epoch
 
@@ -413,14 +417,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   run_start = time.time()
   with stop_requests(stop_requested) as stop_requested:
-    validate(config)
+    spec = validate(config)
     if jax.default_backend() == 'cpu':
       memory.keep_freed_memory()
-    devices, local_devices = run_devices(config, devices)
-    data = load_data(config)
-    steps_per_epoch = check_data(config, data)
+    devices, local_devices = run_devices(spec, devices)
+    data = load_data(spec)
+    steps_per_epoch = check_data(spec, data)
     results = train_in_workdir(
-        config=config, workdir=workdir, data=data, devices=devices, local_devices=local_devices,
+        spec=spec, workdir=workdir, data=data, devices=devices, local_devices=local_devices,
         steps_per_epoch=steps_per_epoch, allow_config_change=allow_config_change,
         stop_requested=stop_requested, run_start=run_start)
   if parallel.is_writer() and not metric_writer.in_labelled_lines():  # A sweep says its own.
@@ -428,19 +432,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def train_in_workdir(*, config, workdir: str, data: input_pipeline.Dataset, devices: list,
-                     local_devices: list, steps_per_epoch: int, allow_config_change: bool,
-                     stop_requested: list, run_start: float) -> dict:
+def train_in_workdir(*, spec: config_lib.Spec, workdir: str, data: input_pipeline.Dataset,
+                     devices: list, local_devices: list, steps_per_epoch: int,
+                     allow_config_change: bool, stop_requested: list, run_start: float) -> dict:
   """Claims the workdir, then trains (resuming what it holds) and finishes the run."""
   writer = parallel.is_writer()
-  data_record = workdir_lib.data_record(data, config, len(devices))
+  data_record = workdir_lib.data_record(data, spec, len(devices))
   with workdir_lib.claim(workdir, enabled=writer):
-    records = workdir_lib.prepare(workdir, config.to_dict(), data_record, allow_config_change)
-    with checkpoint.manager(workdir, config.keep_checkpoints) as checkpoints, \
-         contextlib.closing(metric_writer.MetricWriter(workdir, writer, config.progress)) as out, \
-         on_devices(data, data_record, config.eval_batch_size, devices, local_devices) as arrays:
+    records = workdir_lib.prepare(workdir, spec.record, data_record, allow_config_change)
+    with checkpoint.manager(workdir, spec.keep_checkpoints) as checkpoints, \
+         contextlib.closing(metric_writer.MetricWriter(workdir, writer, spec.progress)) as out, \
+         on_devices(data, data_record, spec.eval_batch_size, devices, local_devices) as arrays:
       try:
-        training = Training(config=config, workdir=workdir, data=data, arrays=arrays,
+        training = Training(spec=spec, workdir=workdir, data=data, arrays=arrays,
                             devices=devices, local_devices=local_devices,
                             steps_per_epoch=steps_per_epoch, records=records,
                             checkpoints=checkpoints, out=out, stop_requested=stop_requested,
@@ -451,38 +455,38 @@ def train_in_workdir(*, config, workdir: str, data: input_pipeline.Dataset, devi
         if isinstance(e, checkpoint.CheckpointError) or (
             not isinstance(e, MemoryError) and 'RESOURCE_EXHAUSTED' not in str(e)):
           raise  # A full disk is RESOURCE_EXHAUSTED to orbax too, not out of memory.
-        raise OutOfMemory(out_of_memory_advice(config, devices, checkpoints)) from e
+        raise OutOfMemory(out_of_memory_advice(spec, devices, checkpoints)) from e
 
 
 class OutOfMemory(MemoryError):
   """A device (or the host) ran out of memory; the message names the settings to lower."""
 
 
-def out_of_memory_advice(config, devices: list, checkpoints) -> str:
+def out_of_memory_advice(spec: config_lib.Spec, devices: list, checkpoints) -> str:
   """What ran out, the settings that size it, and what is on disk."""
   try:
     checkpoint.finish(checkpoints)
     kept = checkpoints.all_steps()
   except checkpoint.CheckpointError:
     kept = []
-  seeds = f' x num_seeds={config.num_seeds}' if config.num_seeds > 1 else ''
-  slices = (f'micro_batch_size={config.micro_batch_size}' if config.micro_batch_size else
+  seeds = f' x num_seeds={spec.num_seeds}' if spec.num_seeds > 1 else ''
+  slices = (f'micro_batch_size={spec.micro_batch_size}' if spec.micro_batch_size else
             'micro_batch_size (0: each device computes its whole share at once)')
   disk = (f'the last checkpoint (step {max(kept)}) is kept in {checkpoints.directory}: '
           f'--allow_config_change resumes from it' if kept else 'no checkpoint was written')
-  return (f'out of memory on {devices[0].device_kind}: batch_size={config.batch_size} over '
+  return (f'out of memory on {devices[0].device_kind}: batch_size={spec.batch_size} over '
           f'{len(devices)} device(s){seeds}, {slices}; lower batch_size or set a smaller '
           f'micro_batch_size (e.g. 32: slices of each device\'s batch, one after another); '
           f'{disk}')
 
 
-def run_devices(config, devices: list | None) -> tuple[list, list]:
+def run_devices(spec: config_lib.Spec, devices: list | None) -> tuple[list, list]:
   """(the devices the run trains on, this process's among them): `devices` as given (one
-  process), else the first config.num_devices (all of every process's with jax.distributed)."""
+  process), else the first spec.num_devices (all of every process's with jax.distributed)."""
   if devices is None:
-    return parallel.participating_devices(config.num_devices)
-  if len(devices) != config.num_devices or jax.process_count() > 1:
-    raise ValueError(f'{len(devices)} devices given for num_devices={config.num_devices}; '
+    return parallel.participating_devices(spec.num_devices)
+  if len(devices) != spec.num_devices or jax.process_count() > 1:
+    raise ValueError(f'{len(devices)} devices given for num_devices={spec.num_devices}; '
                      f'devices are given in one process only')
   return list(devices), list(devices)
 
@@ -520,11 +524,11 @@ class Training:
   writer only after the records up to its step are written.
   """
 
-  def __init__(self, *, config, workdir: str, data: input_pipeline.Dataset, arrays: DeviceData,
-               devices: list, local_devices: list, steps_per_epoch: int, records: dict | None,
-               checkpoints, out: metric_writer.MetricWriter, stop_requested: list,
-               run_start: float):
-    self.config, self.workdir, self.data, self.arrays = config, workdir, data, arrays
+  def __init__(self, *, spec: config_lib.Spec, workdir: str, data: input_pipeline.Dataset,
+               arrays: DeviceData, devices: list, local_devices: list, steps_per_epoch: int,
+               records: dict | None, checkpoints, out: metric_writer.MetricWriter,
+               stop_requested: list, run_start: float):
+    self.spec, self.workdir, self.data, self.arrays = spec, workdir, data, arrays
     self.devices, self.local_devices = devices, local_devices
     self.steps_per_epoch, self.records = steps_per_epoch, records
     self.checkpoints, self.out, self.stop_requested = checkpoints, out, stop_requested
@@ -532,10 +536,10 @@ class Training:
     self.log = metric_writer.print_line if self.writer else lambda text: None
     image_shape = data.train.images.shape[1:]
     self.model, self.learning_rate_fn, state, data_keys, dropout_keys = init_run(
-        config, image_shape, steps_per_epoch)
+        spec, image_shape, steps_per_epoch)
     seed0 = first_seed(state)
     self.num_params = models.count_params(seed0.params)
-    self.flops_per_image = training_flops_per_image(config.model, seed0, image_shape)
+    self.flops_per_image = training_flops_per_image(spec.model, seed0, image_shape)
     self.train_time, self.earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
     restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
     if restored:
@@ -546,8 +550,8 @@ class Training:
     if not metric_writer.in_labelled_lines():  # A sweep's table has these.
       self.log(f'{self.num_params:,} parameters, {self.flops_per_image / 1e6:.1f} MFLOP per '
                f'training image; {self.model.ops.backend} kernels (model.ops='
-               f'{config.model.ops!r}); feature maps '
-               f'{shapes.feature_shapes(self.model.blocks, image_shape)}; {config.num_seeds} '
+               f'{spec.model.ops!r}); feature maps '
+               f'{shapes.feature_shapes(self.model.blocks, image_shape)}; {spec.num_seeds} '
                f'seed(s); {len(devices)} x {devices[0].device_kind} in {jax.process_count()} '
                f'process(es)')
     # The state and keys live on every device, as the parallel functions return them, so
@@ -556,19 +560,19 @@ class Training:
         (state, data_keys, dropout_keys), parallel.replicated(local_devices))
     start = time.time()
     self.evaluate = parallel.compile_now(
-        parallel_evaluate(data.mean, data.std, devices, config.parallel), self.state,
+        parallel_evaluate(data.mean, data.std, devices, spec.parallel), self.state,
         *arrays.test)
     self.permute = jax.jit(epoch_permutations, static_argnums=2)
     self.compile_time = time.time() - start
     self.chunks, self.perms, self.shown_epoch = {}, None, None
     self.test = self.confusion = None
     self.epoch_metrics, self.epoch_time, self.ready_at = [], 0.0, 0.0
-    self.profile = Profile(config.profile_steps if self.writer else 0,
+    self.profile = Profile(spec.profile_steps if self.writer else 0,
                            os.path.join(workdir, 'tensorboard'))
 
   def train(self) -> None:
     """Every chunk up to num_epochs, or up to a SIGTERM/SIGINT (then saved; Interrupted)."""
-    total_steps = self.config.num_epochs * self.steps_per_epoch
+    total_steps = self.spec.num_epochs * self.steps_per_epoch
     pending = []
     while self.step < total_steps and not self.stop_requested:
       started = self.start_chunk()
@@ -588,12 +592,12 @@ class Training:
   def start_chunk(self) -> list:
     """Starts the steps up to the next logging point or epoch end, then the evaluation and
     checkpoint copy due after them; returns their handlers, to run once the next has started."""
-    step, config = self.step, self.config
+    step, spec = self.step, self.spec
     if self.perms is None or step % self.steps_per_epoch == 0:
       self.perms = jax.device_put(
           self.permute(self.data_keys, step // self.steps_per_epoch, len(self.data.train.labels)),
           parallel.replicated(self.local_devices))
-    end = chunk_end(step, self.steps_per_epoch, config.log_every_steps)
+    end = chunk_end(step, self.steps_per_epoch, spec.log_every_steps)
     args = (self.state, self.arrays.train_images, self.arrays.train_labels, self.perms,
             self.dropout_keys)
     train_chunk = self.compiled_chunk(end - step, args)
@@ -605,8 +609,8 @@ class Training:
     if end % self.steps_per_epoch == 0:
       handlers.append((self.handle_epoch_end, (end, self.evaluate(self.state, *self.arrays.test),
                                                self.seed0_params())))
-    if end % self.steps_per_epoch == 0 or (config.checkpoint_every_steps and
-                                           end - self.saved >= config.checkpoint_every_steps):
+    if end % self.steps_per_epoch == 0 or (spec.checkpoint_every_steps and
+                                           end - self.saved >= spec.checkpoint_every_steps):
       handlers.append((self.handle_checkpoint, (end, self.snapshot())))
       self.saved = end
     return handlers
@@ -617,11 +621,11 @@ class Training:
       start = time.time()
       if not metric_writer.in_labelled_lines():
         self.out.note(f'compiling the training step ({num_steps} steps per call)...')
-      config = self.config
+      spec = self.spec
       self.chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
-          num_steps, self.steps_per_epoch, config.batch_size, self.data.mean, self.data.std,
-          self.devices, how=config.parallel, micro_batch_size=config.micro_batch_size,
-          augment=(config.data.augment, config.data.augment_pixels)), *args)
+          num_steps, self.steps_per_epoch, spec.batch_size, self.data.mean, self.data.std,
+          self.devices, how=spec.parallel, micro_batch_size=spec.micro_batch_size,
+          augment=(spec.data.augment, spec.data.augment_pixels)), *args)
       self.compile_time += time.time() - start
     return self.chunks[num_steps]
 
@@ -639,7 +643,7 @@ class Training:
 
   def handle_chunk(self, step: int, end: int, metrics, started_at: float) -> None:
     """A chunk's metrics: checked for divergence, written to metrics.jsonl."""
-    config = self.config
+    spec = self.spec
     metrics = jax.device_get(metrics)  # [seeds, steps]. Waits for the chunk.
     # It began when it was started or when the work before it ended, whichever is later.
     chunk_time, self.ready_at = time.time() - max(started_at, self.ready_at), time.time()
@@ -647,20 +651,20 @@ class Training:
     self.train_time += chunk_time
     self.epoch_time += chunk_time
     epoch = step // self.steps_per_epoch
-    problem = divergence(metrics['loss'], step, config.divergence_factor,
-                         config.model.num_classes)
+    problem = divergence(metrics['loss'], step, spec.divergence_factor,
+                         spec.model.num_classes)
     if problem:
       checkpoint.finish(self.checkpoints)  # The advice names the last checkpoint: it is whole.
       raise FloatingPointError(f'{problem} (epoch {epoch + 1}); ' + divergence_advice(
-          self.checkpointed, started=self.records is None, learning_rate=config.learning_rate))
+          self.checkpointed, started=self.records is None, learning_rate=spec.learning_rate))
     if epoch != self.shown_epoch:
-      self.out.start_epoch(epoch + 1, config.num_epochs, self.steps_per_epoch,
+      self.out.start_epoch(epoch + 1, spec.num_epochs, self.steps_per_epoch,
                            epoch * self.steps_per_epoch, step)
       self.shown_epoch = epoch
     self.epoch_metrics.append(metrics)
     record = {'step': end, 'epoch': epoch + 1,
               'learning_rate': float(self.learning_rate_fn(end - 1)),
-              'images_per_s': (end - step) * config.batch_size * config.num_seeds / chunk_time}
+              'images_per_s': (end - step) * spec.batch_size * spec.num_seeds / chunk_time}
     seed_summary(record, 'train_loss', metrics['loss'].mean(axis=1))
     seed_summary(record, 'train_accuracy', metrics['accuracy'].mean(axis=1))
     self.mark_started()
@@ -682,11 +686,11 @@ class Training:
     self.out.end_epoch()
     losses = np.concatenate([m['loss'] for m in self.epoch_metrics], axis=1)
     accuracies = np.concatenate([m['accuracy'] for m in self.epoch_metrics], axis=1)
-    self.log(f'epoch {step // self.steps_per_epoch}/{self.config.num_epochs}: train loss '
+    self.log(f'epoch {step // self.steps_per_epoch}/{self.spec.num_epochs}: train loss '
              f'{losses.mean():.4f} accuracy {accuracies.mean():.4f} | test loss '
              f'{self.test["test_loss"]:.4f} accuracy {self.test["test_accuracy"]:.4f} | '
-             f'{losses.size * self.config.batch_size / self.epoch_time:,.0f} images/s'
-             f'{seeds_counted(self.config.num_seeds)}, {self.epoch_time:.1f}s')
+             f'{losses.size * self.spec.batch_size / self.epoch_time:,.0f} images/s'
+             f'{seeds_counted(self.spec.num_seeds)}, {self.epoch_time:.1f}s')
     self.epoch_metrics, self.epoch_time = [], 0.0
 
   def test_record(self, step: int, sums) -> tuple[dict, np.ndarray]:
@@ -729,21 +733,21 @@ class Training:
           self.step, maps=models.feature_maps(
               self.model, {'params': seed0.params, 'batch_stats': seed0.batch_stats},
               input_pipeline.normalize(jnp.asarray(examples), self.data.mean, self.data.std)),
-          confusion=np.asarray(self.confusion), hparams=self.config.to_dict(),
+          confusion=np.asarray(self.confusion), hparams=self.spec.record,
           metrics={k: results[k] for k in FINAL_METRICS if k in results})
       workdir_lib.write_json(os.path.join(self.workdir, 'results.json'), results)  # Last: done.
     return results
 
   def results(self) -> dict:
-    config = self.config
+    spec = self.spec
     results = {**{k: v for k, v in self.test.items() if k.startswith('test_')},  # Last epoch's.
-               'num_seeds': config.num_seeds,
-               'seeds': [config.seed + i for i in range(config.num_seeds)],
+               'num_seeds': spec.num_seeds,
+               'seeds': [spec.seed + i for i in range(spec.num_seeds)],
                'num_params': self.num_params, 'flops_per_image': self.flops_per_image,
-               'num_epochs': config.num_epochs, 'train_time_s': self.train_time,
+               'num_epochs': spec.num_epochs, 'train_time_s': self.train_time,
                'compile_time_s': self.compile_time,
-               'train_images_per_s': config.num_epochs * self.steps_per_epoch * config.batch_size
-                                     * config.num_seeds / max(self.train_time, 1e-9),
+               'train_images_per_s': spec.num_epochs * self.steps_per_epoch * spec.batch_size
+                                     * spec.num_seeds / max(self.train_time, 1e-9),
                'wall_time_s': self.earlier_wall_time + time.time() - self.run_start,
                'num_devices': len(self.devices), 'device_kind': self.devices[0].device_kind,
                'kernels': self.model.ops.backend}

@@ -158,14 +158,14 @@ def visualize(workdir: str, num_digits: int = 4, out: str | None = None) -> list
   returns the paths. Reads the run's files and its test split; never the training set,
   and never writes into workdir when `out` is elsewhere (a read-only run)."""
   trained = inference.Trained(workdir)
-  config = trained.config
-  test = input_pipeline.load_splits(config.data.source, config.data.dir, config.data.name,
-                                    config.model.num_classes, config.data.download,
+  spec = trained.spec
+  test = input_pipeline.load_splits(spec.data.source, spec.data.dir, spec.data.name,
+                                    spec.model.num_classes, spec.data.download,
                                     splits=('test',))['test']
   diff = workdir_lib.data_diff({'test': trained.data['test']}, {'test': workdir_lib.fingerprint(
       test)}) if 'test' in trained.data else []
   if diff:  # Figures of another test set would be captioned as this run's.
-    where = input_pipeline.data_dir(config.data.source, config.data.dir) or 'tfds'
+    where = input_pipeline.data_dir(spec.data.source, spec.data.dir) or 'tfds'
     raise workdir_lib.ConfigMismatchError(
         f'the test split in {where} is not the one {workdir} was evaluated on ('
         + '; '.join(diff) + ')')
@@ -186,7 +186,7 @@ def visualize(workdir: str, num_digits: int = 4, out: str | None = None) -> list
       plot_feature_maps(os.path.join(out, 'feature_maps.png'), digits,
                         trained.feature_maps(digits)),
       plot_confusion_matrix(os.path.join(out, 'confusion_matrix.png'), confusion_matrix(
-          test.labels, probabilities.argmax(-1), config.model.num_classes)),
+          test.labels, probabilities.argmax(-1), spec.model.num_classes)),
       plot_misclassified(os.path.join(out, 'misclassified.png'), test.images, test.labels,
                          probabilities),
       plot_curves(os.path.join(out, 'curves.png'), [(os.path.basename(workdir), (

@@ -19,7 +19,7 @@ import time
 
 import ml_collections
 
-from convnet import config_lib
+from convnet import config_lib, ops
 
 # Keys that change how often things are written, or where data is read from, but
 # not the numbers a run produces; a resume may change them freely.
@@ -162,14 +162,16 @@ def read_json(path: str):
     raise RecordError(f'{path}: not valid JSON ({e}); the file is damaged') from e
 
 
-def config_from_dict(data: dict) -> ml_collections.ConfigDict:
+def config_from_dict(data: dict, where: str = 'config.json') -> ml_collections.ConfigDict:
   """config.json -> ConfigDict, with JSON's lists turned back into tuples, and the keys
-  added since it was written (config_lib.ABSENT) as the run computed without them."""
+  added since it was written (config_lib.ABSENT) as the run computed without them, said
+  in one line naming them."""
   def tuples(value):
     if isinstance(value, dict):
       return {k: tuples(v) for k, v in value.items()}
     return tuple(value) if isinstance(value, list) else value
   config = ml_collections.ConfigDict(tuples(data))
+  added = []
   for key, value in config_lib.ABSENT.items():
     *parents, leaf = key.split('.')
     node = config
@@ -177,6 +179,10 @@ def config_from_dict(data: dict) -> ml_collections.ConfigDict:
       node = node[parent]
     if leaf not in node:
       node[leaf] = value
+      added.append(f'{key}={value!r}')
+  if added:
+    ops.say_once(f'{where} predates {len(added)} key(s); read as the run computed without '
+                 f'them: {", ".join(added)}')
   return config
 
 
@@ -220,11 +226,11 @@ def fingerprint(split) -> dict:
           'sha256': digest.hexdigest()}
 
 
-def data_record(data, config, num_devices: int) -> dict:
+def data_record(data, spec, num_devices: int) -> dict:
   """data.json: what inference needs, and the fingerprint of the data trained on (and
   the device count it was split over)."""
   return {'image_shape': list(data.train.images.shape[1:]), 'num_devices': num_devices,
-          'num_classes': int(config.model.num_classes),
+          'num_classes': int(spec.model.num_classes),
           'mean': [float(m) for m in data.mean], 'std': [float(s) for s in data.std],
           'train': fingerprint(data.train), 'test': fingerprint(data.test)}
 
@@ -239,10 +245,10 @@ def data_diff(saved: dict, new: dict) -> list[str]:
                   if key in new and saved.get(key) != new[key]]
 
 
-def config_diff(saved: dict, new: dict) -> list[str]:
+def config_diff(saved: dict, new: dict, where: str = 'config.json') -> list[str]:
   """'key: saved -> new' for every key that differs and would change the results. A key
   added since `saved` was written is compared as config_lib.ABSENT says the run computed."""
-  saved, new = (config_lib.flatten(config_from_dict(c).to_dict()) for c in (saved, new))
+  saved, new = (config_lib.flatten(config_from_dict(c, where).to_dict()) for c in (saved, new))
   lines = []
   for key in sorted(set(saved) | set(new)):
     old_value, new_value = saved.get(key, '<absent>'), new.get(key, '<absent>')
@@ -290,7 +296,8 @@ def differences(workdir: str, config: dict, data: dict) -> tuple[list[str], list
   between the run recorded in workdir and this config and data record."""
   data_path = os.path.join(workdir, 'data.json')
   saved_data = read_json(data_path) if os.path.exists(data_path) else {}
-  lines = config_diff(read_json(os.path.join(workdir, 'config.json')), config)
+  path = os.path.join(workdir, 'config.json')
+  lines = config_diff(read_json(path), config, path)
   devices = saved_data.get('num_devices', data['num_devices'])
   if devices != data['num_devices']:
     lines.append(f'devices: {devices} -> {data["num_devices"]} (per-device batches and random '

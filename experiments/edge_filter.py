@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from convnet import input_pipeline, models, visualize
+from convnet import input_pipeline, models, shapes, visualize
 
 VERTICAL = np.array([[-1, 2, -1]] * 3, np.float32)
 HORIZONTAL = VERTICAL.T
@@ -24,8 +24,8 @@ HORIZONTAL = VERTICAL.T
 
 def edge_responses(images: np.ndarray):
   """(conv [n, 28, 28, 2], pooled [n, 14, 14, 2]) of the two filters on uint8 digits."""
-  block = models.ConvBlock(filters=2, kernel_size=3, padding='SAME', activation='identity',
-                           pool='max', pool_size=2, pool_stride=2)
+  block = models.ConvBlock(shapes.Block(filters=2, kernel_size=3, padding='SAME', pool='max',
+                                        pool_size=2, pool_stride=2), activation='identity')
   kernel = np.stack([VERTICAL, HORIZONTAL], axis=-1)[:, :, None, :]  # [3, 3, 1, 2]
   variables = {'params': {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros(2)}}
   pooled, state = block.apply(variables, jnp.asarray(images, jnp.float32) / 255.0,

@@ -14,7 +14,7 @@ import pytest
 
 from configs import default
 from conftest import REPO
-from convnet import benchmark, models, peers, train
+from convnet import benchmark, config_lib, models, peers, train
 
 
 def run_benchmark(*flags, timeout=600):
@@ -110,8 +110,8 @@ def test_ratio_per_round_pairs_timings_of_the_same_round():
 def test_peers_skip_a_model_they_do_not_build():
   config = default.get_config()
   config.model.norm = ('batch',)
-  assert peers.trainers(config, data=None, steps=1) == (
-      {}, {name: 'normalisation layers are not built for peers' for name in peers.NAMES})
+  assert peers.trainers(config_lib.read(config), data=None, steps=1) == (
+      {}, {name: "peers do not build model.norm='batch'" for name in peers.NAMES})
 
 
 def test_peers_train_on_the_trainers_float32_normalised_images(mnist):
@@ -141,13 +141,13 @@ def test_peak_rss_is_the_benchmark_process_own_not_its_parent():
 def test_each_peer_builds_the_same_model_and_trains_it(mnist, name):
   """tf.keras and PyTorch (a CPU build; `make test` installs both) build the config's
   model with our parameter count, and each times a few real training steps."""
-  config = importlib.import_module(f'configs.{name}').get_config()
-  runs, skipped = peers.trainers(config, mnist, steps=3)
+  spec = config_lib.read(importlib.import_module(f'configs.{name}').get_config())
+  runs, skipped = peers.trainers(spec, mnist, steps=3)
   assert skipped == {} and sorted(runs) == sorted(peers.NAMES)
   for peer, repeat in runs.items():
     assert repeat() > 0, peer
-  model = train.build_model(config.model, axis_name=None)
+  model = train.build_model(spec.model, axis_name=None)
   ours = models.count_params(model.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32),
                                         train=False)['params'])
-  assert peers.keras_model(config).count_params() == ours
-  assert sum(p.numel() for p in peers.torch_model(config).parameters()) == ours
+  assert peers.keras_model(spec).count_params() == ours
+  assert sum(p.numel() for p in peers.torch_model(spec).parameters()) == ours

@@ -234,6 +234,25 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(smoke_config, tmp_path, c
     workdir.read_json(str(run_dir / 'config.json'))
 
 
+def test_a_run_older_than_some_keys_resumes_as_it_computed(smoke_config, tmp_path, capfd,
+                                                           crashed_runs):
+  """A config.json written before data.augment, data.augment_pixels and model.stride
+  existed: each reads as config_lib.ABSENT says the run computed, named in one line, and
+  the run resumes from its step-16 checkpoint to the uninterrupted run's results."""
+  run_dir, finished = copy_of(crashed_runs, 2, tmp_path)
+  smoke_config.num_epochs = 2
+  saved = workdir.read_json(str(run_dir / 'config.json'))
+  del saved['data']['augment'], saved['data']['augment_pixels'], saved['model']['stride']
+  workdir.write_json(str(run_dir / 'config.json'), saved)
+  shutil.rmtree(run_dir / 'checkpoints' / '32')
+  again = train.train_and_evaluate(smoke_config, str(run_dir))
+  captured = capfd.readouterr()
+  assert captured.err.count('predates 3 key(s)') == 1, captured.err
+  assert ("data.augment='none', data.augment_pixels=2, model.stride=(1,)" in captured.err)
+  assert 'from its checkpoint at step 16' in captured.out
+  assert again['test_accuracy'] == finished['test_accuracy']
+
+
 def damage_latest(run_dir, damage: str):
   """Damages checkpoint 32 of a 2-epoch run as `damage` says; returns its path."""
   latest = run_dir / 'checkpoints' / '32'
@@ -263,7 +282,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_set_aside(smoke_config, tmp_
                                                              damage, crashed_runs):
   run_dir, _ = copy_of(crashed_runs, 2, tmp_path)
   latest = damage_latest(run_dir, damage)
-  run = train.init_run(smoke_config, (28, 28, 1), steps_per_epoch=16)
+  run = train.init_run(config_lib.read(smoke_config), (28, 28, 1), steps_per_epoch=16)
   with checkpoint.manager(str(run_dir), keep=2) as checkpoints:
     restored = train.restore_checkpoint(checkpoints, run.state, (run.data_keys, run.dropout_keys))
   assert restored[-1] == 16

@@ -7,7 +7,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from convnet import models, ops
+from convnet import models, ops, shapes
 from convnet.cpu import conv, dropout, layout, phases
 from references import numpy_conv, numpy_pool
 
@@ -21,9 +21,8 @@ def test_max_pool_gradient_goes_to_each_window_first_maximum(mnist, window, nois
   x = (mnist.test.images[:2, :27] / 255.0 + noise).astype(np.float32)
   pooled_shape = numpy_pool(x, np.max, window, window).shape
   dy = np.random.default_rng(1).normal(size=pooled_shape).astype(np.float32)
-  cpu = ops.Ops('cpu')
-  dx = jax.grad(lambda x: jnp.sum(cpu.pool2d(x, kind='max', window=window, stride=window)
-                                  * dy))(jnp.asarray(x))
+  cpu, block = ops.Ops('cpu'), shapes.Block(filters=1, pool_size=window, pool_stride=window)
+  dx = jax.grad(lambda x: jnp.sum(cpu.pool2d(x, block) * dy))(jnp.asarray(x))
   want = np.zeros_like(x)
   for i in range(pooled_shape[1]):
     for j in range(pooled_shape[2]):
@@ -89,9 +88,10 @@ def test_a_one_channel_block_pools_by_phase_only_where_that_is_exact(
                       lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
   settings = {**dict(filters=4, kernel_size=3, padding='VALID', pool='max', pool_size=2,
                      pool_stride=2, activation='relu'), **changes}
+  activation = settings.pop('activation')
   cpu = ops.Ops('cpu', layout_name)
-  block = models.ConvBlock(**settings, ops=cpu)
-  library_block = models.ConvBlock(**settings)
+  library_block = models.ConvBlock(shapes.Block(**settings), activation=activation)
+  block = library_block.clone(ops=cpu)
   x = jnp.asarray(mnist.test.images[:4, :27] / 255.0, jnp.float32)
   variables = library_block.init(jax.random.key(0), x)
   variables = jax.tree_util.tree_map(  # Non-zero biases too.
@@ -113,9 +113,9 @@ def test_a_one_channel_block_pools_by_phase_only_where_that_is_exact(
 def test_chwn_layout_gives_the_nhwc_model_outputs_and_gradients(
     mnist, norm, pool_name, pool_size, pool_stride, padding):
   """Same parameters, same logits, same gradients (BatchNorm statistics too) in both layouts."""
-  blocks = tuple(dict(filters=f, kernel_size=3, stride=s, padding=padding, norm=norm,
-                      norm_groups=2, pool=pool_name, pool_size=pool_size, pool_stride=pool_stride)
-                 for f, s in ((4, 1), (8, 2)))
+  blocks = tuple(shapes.Block(filters=f, kernel_size=3, stride=s, padding=padding, norm=norm,
+                              norm_groups=2, pool=pool_name, pool_size=pool_size,
+                              pool_stride=pool_stride) for f, s in ((4, 1), (8, 2)))
   nhwc = models.ConvNet(blocks=blocks, hidden=(16,), ops=ops.Ops('cpu', 'NHWC'))
   chwn = nhwc.clone(ops=ops.Ops('cpu', 'CHWN'))
   x = jnp.asarray(mnist.test.images[:8] / 255.0, jnp.float32)
@@ -168,10 +168,10 @@ def test_conv2d_out_size_is_the_leading_corner_of_the_full_output(layout_name):
     x = layout.swap_batch_and_channels(x)
   for padding, stride, out_size in [('VALID', 1, (10, 8)), ('SAME', 2, (6, 5)),
                                     ('SAME', 1, (12, 12))]:
-    convolve = jax.jit(conv.conv2d, static_argnames=('stride', 'padding', 'layout', 'out_size'))
-    full = convolve(x, kernel, stride=stride, padding=padding, layout=layout_name)
-    part = convolve(x, kernel, stride=stride, padding=padding, layout=layout_name,
-                    out_size=out_size)
+    block = shapes.Block(filters=4, stride=stride, padding=padding)
+    convolve = jax.jit(conv.conv2d, static_argnames=('block', 'layout', 'out_size'))
+    full = convolve(x, kernel, block=block, layout=layout_name)
+    part = convolve(x, kernel, block=block, layout=layout_name, out_size=out_size)
     np.testing.assert_allclose(part, full[:, :out_size[0], :out_size[1], :], rtol=1e-5,
                                atol=1e-5)
 
@@ -180,4 +180,5 @@ def test_conv2d_out_size_is_the_leading_corner_of_the_full_output(layout_name):
 def test_conv2d_asked_for_outputs_it_does_not_have_names_out_size(out_size):
   x = jnp.zeros((1, 28, 28, 1))  # 3x3 'VALID': 26x26 outputs
   with pytest.raises(ValueError, match=r'out_size=\(%d, 5\) is not within its 26x26' % out_size[0]):
-    conv.conv2d(x, jnp.zeros((3, 3, 1, 2)), stride=1, padding='VALID', out_size=out_size)
+    conv.conv2d(x, jnp.zeros((3, 3, 1, 2)), shapes.Block(filters=2, padding='VALID'),
+                out_size=out_size)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from convnet import config_lib, models, shapes
+from convnet import config_lib, models, shapes, train
 from references import ALL_OPS, OPS_IDS, numpy_conv, numpy_pool
 
 
@@ -22,8 +22,9 @@ def block_apply(block, variables, x):
 def test_conv_block_matches_numpy_sliding_window(mnist, ops, padding, kernel_size, stride,
                                                  filters):
   x = np.concatenate([mnist.test.images[:2], mnist.test.images[2:4]], -1) / 255.0  # 2 channels
-  block = models.ConvBlock(filters=filters, kernel_size=kernel_size, stride=stride,
-                           padding=padding, activation='identity', pool='none', ops=ops)
+  block = models.ConvBlock(shapes.Block(filters=filters, kernel_size=kernel_size, stride=stride,
+                                        padding=padding, pool='none'),
+                           activation='identity', ops=ops)
   params = block.init(jax.random.key(0), ops.to_blocks(jnp.asarray(x, jnp.float32)))
   params = jax.tree_util.tree_map(
       lambda p: jax.random.normal(jax.random.key(1), p.shape), params)  # non-zero bias too
@@ -39,7 +40,7 @@ def test_conv_block_matches_numpy_sliding_window(mnist, ops, padding, kernel_siz
 def test_conv_block_pools_its_activated_conv_like_numpy(mnist, ops, pool, reduce):
   """relu(conv + bias), then 2x2 pooling: 28 -> 14, each output the window's max (mean)."""
   x = (mnist.test.images[:3] / 255.0).astype(np.float32)
-  block = models.ConvBlock(filters=4, kernel_size=3, pool=pool, ops=ops)
+  block = models.ConvBlock(shapes.Block(filters=4, kernel_size=3, pool=pool), ops=ops)
   variables = block.init(jax.random.key(0), ops.to_blocks(jnp.asarray(x)))
   got = block_apply(block, variables, jnp.asarray(x))
   p = variables['params']
@@ -59,7 +60,8 @@ def test_vertical_line_filter_lights_up_vertical_strokes(mnist, ops):
   ones = (mnist.test.images[mnist.test.labels == 1][:100] / 255.0).astype(np.float32)
   vertical, horizontal = line_filters()
   kernel = np.stack([vertical, horizontal], -1)[:, :, None, :]  # HWIO, two filters
-  block = models.ConvBlock(filters=2, kernel_size=3, activation='relu', pool='max', ops=ops)
+  block = models.ConvBlock(shapes.Block(filters=2, kernel_size=3, pool='max'), activation='relu',
+                           ops=ops)
   params = {'params': {'kernel': kernel, 'bias': np.zeros(2, np.float32)}}
   assert block.apply(params, ones).shape == (100, 14, 14, 2)
   upright = block.apply(params, ones).sum(axis=(1, 2))  # [100, 2] total response per filter
@@ -72,7 +74,7 @@ def test_vertical_line_filter_lights_up_vertical_strokes(mnist, ops):
 
 def test_convnet_shapes_and_parameter_count_for_the_lesson_model():
   config = default.get_config()
-  model = models.ConvNet(**config_lib.model_args(config.model))
+  model = train.build_model(config_lib.read(config).model)
   x = jnp.zeros((3, 28, 28, 1))
   params = model.init(jax.random.key(0), x)
   assert model.apply(params, x).shape == (3, 10)
@@ -91,7 +93,7 @@ def test_parameter_count_of_a_two_block_batchnorm_net_with_valid_padding():
   config.model.padding = ('VALID',)
   config.model.norm = ('batch',)
   config.model.hidden = ()
-  model = models.ConvNet(**config_lib.model_args(config.model))
+  model = train.build_model(config_lib.read(config).model)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   # 28 -5+1-> 24 -pool-> 12 -3+1-> 10 -pool-> 5; no conv bias before BatchNorm.
   assert shapes.feature_shapes(model.blocks, (28, 28, 1)) == [(12, 12, 16), (5, 5, 32)]

@@ -1,5 +1,6 @@
 """The kernel seam: which backend 'auto' picks, and every backend against the library ops."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ from references import ALL_OPS, OPS_IDS, numpy_conv, numpy_conv_gradients, numpy
 def jaxprs(config) -> tuple[str, str]:
   """The jaxprs of one training step and of one forward pass of config's model, as the
   trainer builds it, as text. (A step's jaxpr has the custom VJPs' rules inlined.)"""
+  config = config_lib.read(config)
   model = train.build_model(config.model)
   state = train.create_train_state(jax.random.key(0), config, model, (28, 28, 1),
                                    lambda step: 1e-3)
@@ -34,7 +36,7 @@ def test_auto_picks_the_library_ops_on_accelerators_and_the_cpu_kernels_on_cpu(
   monkeypatch.setattr(jax, 'default_backend', lambda: platform)
   config = keras_convnet.get_config()
   assert config.model.ops == 'auto'
-  assert train.build_model(config.model).ops.backend == backend
+  assert train.build_model(config_lib.read(config).model).ops.backend == backend
   step, forward = jaxprs(config)
   if backend == 'xla':  # lax.conv forward and backward, nn.Dropout's random bits.
     assert 'conv_general_dilated' in forward and 'random_bits' in step
@@ -62,9 +64,9 @@ def test_bfloat16_reaches_xla_as_bfloat16_convolutions_with_float32_state(smoke_
   config = smoke_config
   config.model.ops, config.model.dtype, config.model.norm = 'xla', 'bfloat16', ('batch',)
   config.model.num_blocks, config.model.filters = 2, (4, 8)
-  config_lib.validate(config, 1)
+  spec = config_lib.validate(config, 1)
   devices = jax.local_devices()[:1]
-  _, _, state, data_keys, dropout_keys = train.init_run(config, (28, 28, 1), 4)
+  _, _, state, data_keys, dropout_keys = train.init_run(spec, (28, 28, 1), 4)
   chunk = train.parallel_train_chunk(2, 4, 32, mnist.mean, mnist.std, devices)
   args = (state, *(parallel.replicate(x[:128], devices) for x in mnist.train),
           train.epoch_permutations(data_keys, 0, 128), dropout_keys)
@@ -117,8 +119,9 @@ def test_conv_values_and_gradients_match_numpy_windows(mnist, ops_, padding, ker
   x = (np.concatenate([mnist.test.images[:2], mnist.test.images[2:4], mnist.test.images[4:6]],
                       -1) / 255.0)[:, :13]
   kernel = np.asarray(jax.random.normal(jax.random.key(0), (kernel_size, kernel_size, 3, 3)))
-  conv = lambda x, k: ops_.to_nhwc(ops_.conv2d(ops_.to_blocks(x), k, stride=stride,
-                                                padding=padding, dilation=dilation))
+  block = shapes.Block(filters=3, kernel_size=kernel_size, stride=stride, dilation=dilation,
+                       padding=padding)
+  conv = lambda x, k: ops_.to_nhwc(ops_.conv2d(ops_.to_blocks(x), k, block))
   y = jax.jit(conv)(jnp.asarray(x, jnp.float32), jnp.asarray(kernel))
   np.testing.assert_allclose(y, numpy_conv(x, kernel, 0, stride, padding, dilation), rtol=1e-4,
                              atol=1e-4)
@@ -141,7 +144,9 @@ def test_library_conv_gradients_vmapped_over_seeds_match_numpy_per_seed(mnist, p
   x = mnist.test.images[:4, :15, :13].reshape(2, 2, 15, 13, 1) / 255.0  # [seeds, batch, ...]
   kernels = np.asarray(jax.random.normal(jax.random.key(0), (2, kernel_size, kernel_size, 1, 2)))
   xla = ops.Ops('xla')
-  conv = lambda x, k: xla.conv2d(x, k, stride=stride, padding=padding, dilation=dilation)
+  block = shapes.Block(filters=2, kernel_size=kernel_size, stride=stride, dilation=dilation,
+                       padding=padding)
+  conv = lambda x, k: xla.conv2d(x, k, block)
   dy = np.asarray(jax.random.normal(jax.random.key(1), (2, *jax.eval_shape(
       conv, x[0], kernels[0]).shape)))
   grads = parallel.parallelize(
@@ -170,8 +175,8 @@ def test_pooling_values_and_gradients_match_lax_reduce_window(mnist, ops_, kind,
     y = lax.reduce_window(x, init, op, (1, window, window, 1), (1, stride, stride, 1), 'VALID')
     return y / window**2 if kind == 'avg' else y
 
-  pool = lambda x: ops_.to_nhwc(ops_.pool2d(ops_.to_blocks(x), kind=kind, window=window,
-                                            stride=stride))
+  block = shapes.Block(filters=2, pool=kind, pool_size=window, pool_stride=stride)
+  pool = lambda x: ops_.to_nhwc(ops_.pool2d(ops_.to_blocks(x), block))
   np.testing.assert_allclose(pool(x), numpy_pool(x, reduce, window, stride), rtol=1e-5,
                              atol=1e-6)
   dy = np.random.default_rng(1).normal(size=reference(x).shape).astype(np.float32)
@@ -186,7 +191,8 @@ def test_tiling_max_pool_is_a_reshape_whose_gradient_needs_no_scatter(mnist, win
   gradients (digits plus noise: no ties), on 27x28 maps that leave a partial window."""
   noise = np.random.default_rng(0).normal(0, 1e-3, (3, 27, 28, 2))
   x = (np.concatenate([mnist.test.images[:3, :27]] * 2, -1) / 255.0 + noise).astype(np.float32)
-  pool = lambda x: ops.Ops('xla').pool2d(x, kind='max', window=window, stride=window)
+  pool = lambda x: ops.Ops('xla').pool2d(x, shapes.Block(filters=2, pool_size=window,
+                                                         pool_stride=window))
   reference = lambda x: nn.max_pool(x, (window, window), (window, window), 'VALID')
   np.testing.assert_array_equal(pool(x), reference(x))
   dy = np.random.default_rng(1).normal(size=reference(x).shape).astype(np.float32)
@@ -205,12 +211,10 @@ def test_parameters_from_one_backend_give_the_same_logits_on_the_other(config_mo
   (best.py: BatchNorm in the CPU kernels' CHWN layout against NHWC); every shipped
   config, on its dataset's image shape."""
   config = config_module.get_config()
-  train.validate(config)
-  config_lib.check_shapes(config_lib.block_settings(config.model), image_shape)
-  config.model.ops = 'cpu'
-  cpu_model = train.build_model(config.model, axis_name=None)
-  config.model.ops = 'xla'
-  xla_model = train.build_model(config.model, axis_name=None)
+  model = train.validate(config).model
+  config_lib.check_shapes(model.blocks, image_shape)
+  cpu_model = train.build_model(dataclasses.replace(model, ops='cpu'), axis_name=None)
+  xla_model = train.build_model(dataclasses.replace(model, ops='xla'), axis_name=None)
   x = jax.random.normal(jax.random.key(1), (16, *image_shape))
   cpu_vars = cpu_model.init(jax.random.key(0), x)
   xla_vars = xla_model.init(jax.random.key(0), x)
@@ -243,11 +247,14 @@ def test_a_dilated_net_computes_the_same_on_the_cpu_kernels_and_the_library_ops(
   """Dilation in the first of two VALID blocks: the CPU kernels run that conv on the
   library conv and crop it to the outputs the next block reads (shapes.conv_outputs_read
   with the dilated extent); the logits and gradients are the library ops'."""
-  blocks = tuple(dict(filters=f, kernel_size=3, stride=1, dilation=d, padding='VALID',
-                      norm='none', pool=p, pool_size=3, pool_stride=2)
+  blocks = tuple(shapes.Block(filters=f, kernel_size=3, stride=1, dilation=d, padding='VALID',
+                              norm='none', pool=p, pool_size=3, pool_stride=2)
                  for f, d, p in ((4, 2, 'max'), (8, 1, 'avg')))
   # 28 -> 24 (a 3x3 kernel dilated by 2 spans 5) -> 11 -> 9 -> 4.
   assert shapes.feature_shapes(blocks, (28, 28, 1)) == [(11, 11, 4), (4, 4, 8)]
+  with pytest.raises(config_lib.ConfigError, match=r'block 0 has a 3x3 kernel spanning 29x29 '
+                                                   r'\(Block.conv_extent\) but its input is only'):
+    config_lib.check_shapes((shapes.Block(filters=4, dilation=14),), (28, 28, 1))
   cpu = models.ConvNet(blocks=blocks, hidden=(16,), ops=ops.Ops('cpu', layout))
   xla = cpu.clone(ops=ops.Ops('xla'))
   x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))

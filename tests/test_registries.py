@@ -1,13 +1,15 @@
 """Every registry entry (activations, norms, pools, optimizers, schedules) trains, and the
 ones the kernels compute agree on every kernel path: what a config can name works."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from convnet import models, optim, shapes
+from convnet import config_lib, models, optim, shapes
 from references import ALL_OPS, OPS_IDS
 
 ENTRIES = ([('activation', name) for name in models.ACTIVATIONS] +
@@ -17,11 +19,11 @@ ENTRIES = ([('activation', name) for name in models.ACTIVATIONS] +
 
 def three_steps(mnist, ops_, key: str, name: str):
   """Losses and parameters after three Adam steps of a two-block net on 16 real digits."""
-  block = dict(filters=4, kernel_size=3, stride=1, padding='SAME', norm='none', norm_groups=2,
-               pool='max', pool_size=2, pool_stride=2)
+  block = shapes.Block(filters=4, kernel_size=3, stride=1, padding='SAME', norm='none',
+                       norm_groups=2, pool='max', pool_size=2, pool_stride=2)
   if key != 'activation':
-    block[key] = name
-  blocks = (block, {**block, 'filters': 8})
+    block = dataclasses.replace(block, **{key: name})
+  blocks = (block, dataclasses.replace(block, filters=8))
   model = models.ConvNet(blocks=blocks, hidden=(16,),
                          activation=name if key == 'activation' else 'relu', ops=ops_)
   x = jnp.asarray((mnist.train.images[:16] / 255.0 - 0.13) / 0.31, jnp.float32)
@@ -64,10 +66,10 @@ def test_every_activation_norm_and_pool_trains_alike_on_every_kernel_path(mnist,
 @pytest.mark.parametrize('schedule', list(optim.SCHEDULES))
 def test_every_optimizer_and_schedule_trains(smoke_config, optimizer, schedule):
   """Each pair descends a least-squares problem from its config's learning rate."""
-  config = smoke_config
-  config.update(optimizer=optimizer, schedule=schedule, learning_rate=0.05, num_epochs=1,
-                warmup_epochs=0.1)
-  tx = optim.create_optimizer(config, optim.create_learning_rate_fn(config, steps_per_epoch=50))
+  smoke_config.update(optimizer=optimizer, schedule=schedule, learning_rate=0.05, num_epochs=1,
+                      warmup_epochs=0.1)
+  spec = config_lib.read(smoke_config)
+  tx = optim.create_optimizer(spec, optim.create_learning_rate_fn(spec, steps_per_epoch=50))
   target = jnp.linspace(-1.0, 1.0, 8)
   loss = lambda w: jnp.sum((w - target) ** 2)
   w, state = jnp.zeros(8), None

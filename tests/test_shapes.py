@@ -1,5 +1,6 @@
 """Derived shapes, the outputs-read planner, and a pooling type registered from outside."""
 
+import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,11 @@ from references import ALL_OPS, OPS_IDS
 
 def blocks(paddings, norms=None, pool_sizes=None, pools=None, strides=None, filters=4):
   n = len(paddings)
-  return tuple(dict(filters=filters, kernel_size=3, stride=(strides or (1,) * n)[i],
-                    padding=paddings[i], norm=(norms or ('none',) * n)[i],
-                    pool=(pools or ('max',) * n)[i], pool_size=(pool_sizes or (2,) * n)[i],
-                    pool_stride=(pool_sizes or (2,) * n)[i]) for i in range(n))
+  return tuple(shapes.Block(filters=filters, kernel_size=3, stride=(strides or (1,) * n)[i],
+                            padding=paddings[i], norm=(norms or ('none',) * n)[i],
+                            pool=(pools or ('max',) * n)[i],
+                            pool_size=(pool_sizes or (2,) * n)[i],
+                            pool_stride=(pool_sizes or (2,) * n)[i]) for i in range(n))
 
 
 def block_output_shapes(model, x) -> list[tuple[int, int]]:
@@ -62,7 +64,7 @@ def test_each_block_computes_only_the_conv_outputs_the_rest_reads(paddings, norm
   got = block_output_shapes(cpu, x)
   assert got[-1] == full[-1]
   for block, outputs, shape, whole in zip(spec, want, got, full):
-    pooled = outputs and tuple(shapes.valid_windows(n, block['pool_size'], block['pool_size'])
+    pooled = outputs and tuple(shapes.valid_windows(n, block.pool_size, block.pool_size)
                                for n in outputs)
     assert shape == (pooled or whole)
 
@@ -73,9 +75,9 @@ def reference_convnet(params, x, spec, hidden):
   for i, block in enumerate(spec):
     p = params[f'ConvBlock_{i}']
     x = jax.nn.relu(lax.conv_general_dilated(
-        x, p['kernel'], (block['stride'],) * 2, block['padding'],
+        x, p['kernel'], (block.stride,) * 2, block.padding,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['bias'])
-    x = shapes.POOLS[block['pool']].apply(x, block['pool_size'], block['pool_stride'])
+    x = shapes.POOLS[block.pool].apply(x, block.pool_size, block.pool_stride)
   x = x.reshape(x.shape[0], -1)
   for j in range(len(hidden)):
     x = jax.nn.relu(x @ params[f'Dense_{j}']['kernel'] + params[f'Dense_{j}']['bias'])
@@ -94,8 +96,8 @@ def test_convnet_computing_only_the_outputs_read_matches_lax_conv(
     layout, paddings, stride, pool, pool_size, pool_stride):
   """Logits and every gradient against lax.conv + Flax pooling with JAX's derivatives
   (random images: no ties for the max pool to break differently)."""
-  spec = tuple({**b, 'pool': pool, 'pool_size': pool_size, 'pool_stride': pool_stride,
-                'stride': s} for b, s in zip(blocks(paddings), (stride, 1)))
+  spec = tuple(dataclasses.replace(b, pool=pool, pool_size=pool_size, pool_stride=pool_stride,
+                                   stride=s) for b, s in zip(blocks(paddings), (stride, 1)))
   model = models.ConvNet(blocks=spec, hidden=(16,), ops=ops.Ops('cpu', layout))
   x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
   params = model.init(jax.random.key(1), x)['params']
@@ -152,7 +154,7 @@ def test_a_pool_registered_from_outside_trains_with_the_shapes_the_planner_says(
                             layout='CHWN')
   smoke_config.update(num_epochs=2, progress=False, learning_rate=3e-3)
   smoke_config.data.num_train = 4096
-  model = train.build_model(smoke_config.model)
+  model = train.build_model(config_lib.read(smoke_config).model)
   spec = model.blocks
   # 'l2': 28 -> 26 -> 12, 12 -> 10 -> 4, which reads 9 conv rows of 10, so 11 of block 1's
   # 12, whose pool reads (11 - 1) * 2 + 3 = 23 of its 26 conv rows. 'same_max': 26 -> 13,
@@ -196,5 +198,6 @@ def test_a_pool_without_an_output_size_rule_is_refused_naming_it(smoke_config):
 def test_pools_registered_from_outside_run_on_every_backend(extra_pools, ops_):
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
   for name in EXTRA_POOLS:
-    got = ops_.to_nhwc(ops_.pool2d(ops_.to_blocks(x), kind=name, window=3, stride=2))
+    block = shapes.Block(filters=3, pool=name, pool_size=3, pool_stride=2)
+    got = ops_.to_nhwc(ops_.pool2d(ops_.to_blocks(x), block))
     np.testing.assert_allclose(got, EXTRA_POOLS[name].apply(x, 3, 2), rtol=1e-6)

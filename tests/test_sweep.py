@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, fingerprint
-from convnet import config_lib, inference, report, sweep, train, workdir
+from convnet import config_lib, inference, predict, report, sweep, train, visualize, workdir
 
 
 def test_product_and_zipped_give_the_right_points_and_names():
@@ -298,29 +298,36 @@ def test_every_shipped_config_and_sweep_point_validates_and_fits_its_images(path
     configs = [sweep.apply_overrides(configs[0], point) for point in module.get_sweep()]
   assert configs
   for config in configs:
-    config_lib.validate(config, 2)
-    config_lib.check_shapes(config_lib.block_settings(config.model),
-                            IMAGE_SHAPES[config.data.name])
+    spec = config_lib.validate(config, 2)
+    config_lib.check_shapes(spec.model.blocks, IMAGE_SHAPES[config.data.name])
 
 
-def test_a_key_added_since_a_run_was_written_reads_as_it_computed(smoke_config, tmp_path,
-                                                                  monkeypatch):
-  """A finished point whose config.json predates model.dilation (a ConvBlock field: its
-  default, 1, is what the run computed) and data.augment_pixels (as if new: read as
-  config_lib.ABSENT says). The sweep reruns over it, predict reads it; without the
-  ABSENT entry the rerun is refused naming the key."""
+def test_a_run_older_than_some_keys_reruns_visualizes_and_predicts(smoke_config, tmp_path,
+                                                                   monkeypatch, mnist):
+  """A finished point whose config.json predates data.augment, data.augment_pixels,
+  model.stride and model.dilation: each reads as config_lib.ABSENT says the run computed
+  (a per-block key: its shapes.Block default). The sweep reruns over it, visualize and
+  predict read it; without its ABSENT entry the rerun is refused naming the key. (Its
+  resume: test_checkpoint.)"""
   smoke_config.data.num_train, smoke_config.progress = 256, False
   points = sweep.values('model.filters', [4])
   sweep_dir = tmp_path / 'sweep'
   sweep.run(smoke_config, points, str(sweep_dir))
   point = sweep_dir / 'model.filters=4'
   saved = workdir.read_json(point / 'config.json')
-  del saved['model']['dilation'], saved['data']['augment_pixels']
+  del saved['data']['augment'], saved['data']['augment_pixels']
+  del saved['model']['stride'], saved['model']['dilation']
   workdir.write_json(str(point / 'config.json'), saved)
-  with pytest.raises(workdir.ConfigMismatchError,
-                     match=r"data.augment_pixels: '<absent>' -> 2\n"):
-    sweep.run(smoke_config, points, str(sweep_dir))
-  monkeypatch.setitem(config_lib.ABSENT, 'data.augment_pixels', 2)
+  with monkeypatch.context() as patch:
+    patch.delitem(config_lib.ABSENT, 'data.augment_pixels')
+    with pytest.raises(workdir.ConfigMismatchError,
+                       match=r"data.augment_pixels: '<absent>' -> 2\n"):
+      sweep.run(smoke_config, points, str(sweep_dir))
   assert [r['status'] for r in sweep.run(smoke_config, points, str(sweep_dir))] == ['done']
   trained = inference.Trained(str(point))
-  assert trained.config.model.dilation == (1,) and trained.config.data.augment_pixels == 2
+  assert trained.spec.data.augment == 'none' and trained.spec.model.blocks[0].stride == 1
+  assert all(os.path.getsize(path) for path in visualize.visualize(str(point),
+                                                                    out=str(tmp_path / 'f')))
+  Image.fromarray(mnist.test.images[0].squeeze()).save(tmp_path / 'digit.png')
+  [row] = predict.predict(str(point), [str(tmp_path / 'digit.png')])
+  assert 0 <= row['label'] < 10 and len(row['top3']) == 3

@@ -27,6 +27,7 @@ def run_epoch(config, mnist, devices, num_images=64, how='pmap', chunk_steps=Non
               augment=('none', 0)):
   """One epoch over the first num_images training images on the given devices (one seed),
   in chunks of chunk_steps steps (default: the whole epoch in one compiled scan)."""
+  config = config_lib.read(config)
   model = train.build_model(config.model)
   steps = num_images // config.batch_size
   init_keys, data_keys, dropout_keys = train.seed_keys(config.seed, 1)
@@ -58,8 +59,9 @@ def test_pmap_over_two_devices_equals_one_device_on_the_same_global_batches(smok
     np.testing.assert_allclose(one, two, rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(one_metrics['loss'], two_metrics['loss'], rtol=1e-5)
   # The step really moved the parameters and the BatchNorm statistics.
-  fresh = train.create_train_state(jax.random.split(jax.random.key(config.seed), 3)[0], config,
-                                   train.build_model(config.model), (28, 28, 1), lambda s: 0.)
+  spec = config_lib.read(config)
+  fresh = train.create_train_state(jax.random.split(jax.random.key(config.seed), 3)[0], spec,
+                                   train.build_model(spec.model), (28, 28, 1), lambda s: 0.)
   assert not np.allclose(fresh.params['ConvBlock_0']['kernel'],
                          one_state.params['ConvBlock_0']['kernel'])
   assert not np.allclose(fresh.batch_stats['ConvBlock_1']['BatchNorm_0']['mean'],
@@ -100,8 +102,8 @@ def test_micro_batches_give_the_whole_batch_gradient(smoke_config, mnist, num_de
 
 
 def test_train_step_refuses_a_micro_batch_size_that_does_not_divide_its_batch(smoke_config):
-  config = smoke_config
-  state = train.create_train_state(jax.random.key(0), config, train.build_model(config.model),
+  spec = config_lib.read(smoke_config)
+  state = train.create_train_state(jax.random.key(0), spec, train.build_model(spec.model),
                                    (28, 28, 1), lambda step: 0.0)
   batch = {'image': jnp.zeros((1, 12, 28, 28, 1)), 'label': jnp.zeros((1, 12), jnp.int32)}
   step = jax.vmap(lambda b: train.train_step(state, b, jax.random.key(0), micro_batch_size=5),
@@ -114,6 +116,7 @@ def test_train_step_refuses_a_micro_batch_size_that_does_not_divide_its_batch(sm
 def host_loop_epoch(config, mnist, devices, num_images):
   """The obvious loop, as a reference: NumPy batches cut on the host in the epoch's
   order and sent to the devices each step, one pmapped train_step per batch."""
+  config = config_lib.read(config)
   model = train.build_model(config.model)
   steps = num_images // config.batch_size
   init_keys, data_keys, dropout_keys = train.seed_keys(config.seed, 1)
@@ -191,8 +194,9 @@ def test_train_step_is_traced_once_per_run_not_once_per_epoch(smoke_config, tmp_
 def test_evaluation_counts_every_test_image_once(smoke_config, mnist):
   """Two seeds' models at once, on 1 and 2 devices, in batches that divide the test set
   or leave a padded last batch: each sum equals the whole test set through model.apply."""
-  model = train.build_model(smoke_config.model)
-  states = train.create_train_states(jax.random.split(jax.random.key(0), 2), smoke_config,
+  spec = config_lib.read(smoke_config)
+  model = train.build_model(spec.model)
+  states = train.create_train_states(jax.random.split(jax.random.key(0), 2), spec,
                                      model, (28, 28, 1), lambda s: 0.)
   references = []  # The whole test set through model.apply at once: no batching, no padding.
   for seed in range(2):
@@ -285,7 +289,7 @@ def test_profile_steps_writes_a_trace_of_whole_chunks_for_tensorboard(smoke_conf
 def test_learning_rate_schedule_warmup_then_cosine(smoke_config):
   config = smoke_config
   config.schedule, config.warmup_epochs, config.num_epochs = 'cosine', 1.0, 3
-  lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
+  lr = optim.create_learning_rate_fn(config_lib.read(config), steps_per_epoch=10)
   assert float(lr(0)) == 0.0
   assert float(lr(5)) == pytest.approx(0.5e-3)
   assert float(lr(10)) == pytest.approx(1e-3)

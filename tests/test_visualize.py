@@ -22,8 +22,8 @@ from PIL import Image
 
 from conftest import REPO
 from configs import default
-from convnet import (inference, input_pipeline, metric_writer, models, ops, predict, train,
-                     visualize, workdir)
+from convnet import (config_lib, inference, input_pipeline, metric_writer, models, ops,
+                     predict, train, visualize, workdir)
 from experiments import edge_filter
 
 
@@ -71,7 +71,7 @@ def test_visualize_refuses_a_test_split_other_than_the_runs(trained_run, mnist, 
 def test_feature_maps_follow_the_blocks_shapes(smoke_config, mnist):
   """Whole maps even from a model on the CPU kernels (which skip outputs nothing reads)."""
   smoke_config.model.update(num_blocks=2, filters=(4, 8), ops='cpu')
-  model = train.build_model(smoke_config.model, axis_name=None)
+  model = train.build_model(config_lib.read(smoke_config).model, axis_name=None)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   maps = models.feature_maps(model, variables, mnist.test.images[:3] / 255.0)
   assert [(name, m.shape) for name, m in maps] == [
@@ -88,7 +88,7 @@ def test_visualize_runs_the_trained_forward_pass_from_the_workdir_alone(trained_
   monkeypatch.setattr(train, 'load_data', lambda config: pytest.fail('training set loaded'))
   trained = inference.Trained(str(trained_run))
   images = mnist.test.images[:50]
-  model = train.build_model(trained.config.model, axis_name=None)
+  model = train.build_model(trained.spec.model, axis_name=None)
   assert trained.model.ops == model.ops and model.ops.backend == 'cpu'
   # The statistics it normalised with: those of the 8,192 training images it trained on.
   mean, std = input_pipeline.pixel_mean_std(mnist.train.images[:8192])

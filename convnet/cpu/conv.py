@@ -14,20 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from convnet.shapes import conv_output_size, windows_extent
+from convnet.shapes import conv_output_size
 
 
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  total = max(windows_extent(conv_output_size(size, kernel, stride, 'SAME'), kernel, stride)
-              - size, 0)
-  return total // 2, total - total // 2
-
-
-def pad_same(x, kh: int, kw: int, stride: int):
-  """x padded as a 'SAME' convolution pads it (rows and columns are axes 1 and 2 in
-  both layouts)."""
-  h, w = x.shape[1], x.shape[2]
-  return jnp.pad(x, ((0, 0), _same_padding(h, kh, stride), _same_padding(w, kw, stride), (0, 0)))
+def pad(x, block):
+  """x padded as `block`'s conv pads it (rows and columns are axes 1 and 2 in both layouts)."""
+  pads = [block.conv_padding(n) for n in x.shape[1:3]]
+  return jnp.pad(x, ((0, 0), *pads, (0, 0))) if any(map(any, pads)) else x
 
 
 def _patches(x, kh: int, kw: int, stride: int, out_h: int, out_w: int, layout: str):
@@ -114,21 +107,19 @@ def _conv_valid_backward(stride: int, layout: str, residuals, dy):
 conv_valid_im2col.defvjp(_conv_valid_forward, _conv_valid_backward)
 
 
-def conv2d(x, kernel, *, stride: int, padding: str, layout: str = 'NHWC',
+def conv2d(x, kernel, block, *, layout: str = 'NHWC',
            out_size: Optional[tuple[int, int]] = None):
-  """2-D convolution of x (NHWC or CHWN) with an HWIO kernel, as lax.conv computes it.
+  """2-D convolution of x (NHWC or CHWN) with an HWIO kernel as `block` (a shapes.Block:
+  its stride and padding; dilation 1) sets it, as lax.conv computes it.
 
   With out_size=(rows, cols), only the output's leading rows x cols are computed, from
   the input rows and columns they read.
   """
-  kh, kw = kernel.shape[:2]
-  if padding == 'SAME':
-    x = pad_same(x, kh, kw, stride)
+  x = pad(x, block)
   if out_size is not None:
-    full = (conv_output_size(x.shape[1], kh, stride, 'VALID'),
-            conv_output_size(x.shape[2], kw, stride, 'VALID'))
+    full = [conv_output_size(n, block.conv_extent, block.stride, 'VALID') for n in x.shape[1:3]]
     if not all(1 <= o <= f for o, f in zip(out_size, full)):
       raise ValueError(f'conv2d out_size={tuple(out_size)} is not within its '
                        f'{full[0]}x{full[1]} output')
-    x = x[:, :windows_extent(out_size[0], kh, stride), :windows_extent(out_size[1], kw, stride)]
-  return conv_valid_im2col(x, kernel, stride, layout)
+    x = x[:, :block.conv_reads(out_size[0]), :block.conv_reads(out_size[1])]
+  return conv_valid_im2col(x, kernel, block.stride, layout)

@@ -19,7 +19,7 @@ from jax import lax
 
 from convnet.cpu import conv
 from convnet.cpu.pool import first_maximum
-from convnet.shapes import valid_windows
+from convnet.shapes import Block, valid_windows
 
 
 def _max_over_phases_forward(y):
@@ -54,8 +54,10 @@ def conv_max_pool(x, kernel, *, window: int, layout: str = 'NHWC',
             for a in range(window) for b in range(window)]
   out_size = out_size or tuple(valid_windows(n - k + 1, window, window)
                                for n, k in ((x.shape[1], kh), (x.shape[2], kw)))
-  y = conv.conv2d(x, jnp.concatenate(phases, axis=-1), stride=window, padding='VALID',
-                  layout=layout, out_size=out_size)
+  strided = Block(filters=window * window * cout, kernel_size=kh + window - 1, stride=window,
+                  padding='VALID')
+  y = conv.conv2d(x, jnp.concatenate(phases, axis=-1), strided, layout=layout,
+                  out_size=out_size)
   if layout == 'NHWC':
     y = jnp.moveaxis(y.reshape(*y.shape[:3], window * window, cout), 3, 0)
   else:
