@@ -451,10 +451,10 @@ def train_in_workdir(*, spec: config_lib.Spec, workdir: str, data: input_pipelin
                             run_start=run_start)
         training.train()
         return training.finish()
-      except (MemoryError, RuntimeError) as e:
-        if isinstance(e, checkpoint.CheckpointError) or (
-            not isinstance(e, MemoryError) and 'RESOURCE_EXHAUSTED' not in str(e)):
-          raise  # A full disk is RESOURCE_EXHAUSTED to orbax too, not out of memory.
+      except (MemoryError, jax.errors.JaxRuntimeError) as e:
+        # XLA's own error, not any RESOURCE_EXHAUSTED: a full disk is that to orbax too.
+        if not isinstance(e, MemoryError) and 'RESOURCE_EXHAUSTED' not in str(e):
+          raise
         raise OutOfMemory(out_of_memory_advice(spec, devices, checkpoints)) from e
 
 

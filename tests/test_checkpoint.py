@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -524,13 +526,22 @@ def test_concurrent_writes_of_one_file_all_land_whole(tmp_path):
   assert os.listdir(tmp_path) == ['shared.json']  # No temporary file left behind.
 
 
-def test_a_start_that_fails_leaves_the_workdir_as_it_was(smoke_config, tmp_path, monkeypatch):
-  def out_of_memory(*args, **kwargs):
-    raise MemoryError('RESOURCE_EXHAUSTED: out of memory while compiling')
-  monkeypatch.setattr(train.parallel, 'compile_now', out_of_memory)
-  with pytest.raises(train.OutOfMemory, match=r'out of memory on cpu: batch_size=128 over 2 '
-                                              r'device\(s\), micro_batch_size \(0: .*lower '
-                                              r'batch_size .*; no checkpoint was written'):
+@pytest.mark.parametrize('error,out_of_memory', [
+    (MemoryError('out of memory while compiling'), True),
+    (jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 1 bytes'), True),
+    (jax.errors.JaxRuntimeError('INTERNAL: something else'), False),
+    (RuntimeError('RESOURCE_EXHAUSTED: quota of another library'), False)])
+def test_a_start_that_fails_leaves_the_workdir_as_it_was(smoke_config, tmp_path, monkeypatch,
+                                                         error, out_of_memory):
+  """Only XLA's RESOURCE_EXHAUSTED (or a MemoryError) is reported as out of memory, with
+  the settings to lower; any other error is raised as it is."""
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(train.parallel, 'compile_now', fail)
+  expected = (train.OutOfMemory, r'out of memory on cpu: batch_size=128 over 2 device\(s\), '
+              r'micro_batch_size \(0: .*lower batch_size .*; no checkpoint was written'
+              ) if out_of_memory else (type(error), re.escape(str(error)))
+  with pytest.raises(expected[0], match=expected[1]):
     train.train_and_evaluate(smoke_config, str(tmp_path / 'fresh'))
   assert not (tmp_path / 'fresh').exists()
 
