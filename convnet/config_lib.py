@@ -61,6 +61,7 @@ BLOCK_SCHEMA = {f.name: Key(f.type, choices=models.BLOCK_CHOICES.get(f.name),
 BLOCK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(shapes.Block)
                   if f.default is not dataclasses.MISSING}
 
+
 def option(rule: Optional[Rule] = None, choices=None) -> Any:
   """A spec field that is a config key: its type is the field's annotation (a tuple's
   values: tuple[int, ...]); choices and rule as in Key."""
