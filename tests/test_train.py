@@ -222,6 +222,25 @@ def test_evaluation_counts_every_test_image_once(smoke_config, mnist):
       np.testing.assert_array_equal(sums['confusion'][seed], reference['confusion'])
 
 
+def test_a_run_reads_its_config_once_into_a_spec(smoke_config, tmp_path, monkeypatch):
+  """config_lib.read turns the ConfigDict into a Spec once; nothing after it reads the
+  ConfigDict: emptied right after, the run still trains what the config said."""
+  read = config_lib.read
+
+  def read_then_empty(config):
+    spec = read(config)
+    for key in list(config.keys()):
+      del config[key]
+    return spec
+
+  monkeypatch.setattr(config_lib, 'read', read_then_empty)
+  smoke_config.data.num_train = 512
+  record = smoke_config.to_dict()
+  results = train.train_and_evaluate(smoke_config, str(tmp_path / 'run'))
+  assert not smoke_config.keys() and results['test_accuracy'] > 0.3
+  assert workdir.read_json(str(tmp_path / 'run' / 'config.json')) == json.loads(json.dumps(record))
+
+
 def test_training_real_mnist_learns_and_repeats_exactly(smoke_config, tmp_path):
   config = smoke_config
   config.num_epochs = 2
