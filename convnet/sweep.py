@@ -150,7 +150,7 @@ def record_sweep(sweep_dir: str, base: dict, points: list[dict]) -> None:
   or points differ is refused, naming the differences, so one table never mixes them."""
   base_path, points_path = (os.path.join(sweep_dir, n) for n in (BASE_FILE, SWEEP_FILE))
   if os.path.exists(base_path):
-    diff = workdir.config_diff(workdir.read_json(base_path), base)
+    diff = workdir.config_diff(workdir.read_json(base_path), base, base_path)
     if diff:
       raise workdir.ConfigMismatchError(
           f'{sweep_dir} is a sweep of another base config ({base_path}): {"; ".join(diff)}; '
