@@ -84,9 +84,9 @@ def training_timer(spec: config_lib.Spec, data, steps: int) -> dict:
       steps, steps_per_epoch, spec.batch_size, data.mean, data.std, devices,
       how=spec.parallel, micro_batch_size=spec.micro_batch_size,
       augment=(spec.data.augment, spec.data.augment_pixels)),
-      state, images, labels, perms, dropout_keys)
+      state, images, labels, perms, dropout_keys, {})
   compile_s = time.perf_counter() - start
-  state, _ = chunk(state, images, labels, perms, dropout_keys)  # Warm-up.
+  state, _ = chunk(state, images, labels, perms, dropout_keys, {})  # Warm-up.
   jax.block_until_ready(state)
   test = [parallel.put_on_devices(x, devices) for x in
           train.shard_for_eval(data.test, spec.eval_batch_size, len(devices))]
@@ -101,7 +101,7 @@ def training_timer(spec: config_lib.Spec, data, steps: int) -> dict:
   def repeat() -> float:
     nonlocal state
     start = time.perf_counter()
-    state, metrics = chunk(state, images, labels, perms, dropout_keys)
+    state, metrics = chunk(state, images, labels, perms, dropout_keys, {})
     jax.device_get(metrics)
     return steps * spec.batch_size * spec.num_seeds / (time.perf_counter() - start)
   return {'compile_s': compile_s, 'eval_images_per_s': eval_rate, 'flops_per_image': flops,

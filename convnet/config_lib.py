@@ -13,6 +13,7 @@ is a valid choice here.
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import os
@@ -168,6 +169,23 @@ def flatten(config, prefix: str = '') -> dict[str, Any]:
     else:
       flat[f'{prefix}{key}'] = value
   return flat
+
+
+def get(spec, key: str):
+  """A spec's value of a dotted config key ('model.dropout')."""
+  return functools.reduce(getattr, key.split('.'), spec)
+
+
+def replace(spec, values: dict[str, Any]):
+  """A copy of spec with dotted config keys set, unchecked: a vmapped sweep group's traced
+  values (train.member_state) go where the model and optimizer read them."""
+  nested: dict[str, dict] = {}
+  for key, value in values.items():
+    head, _, rest = key.partition('.')
+    nested.setdefault(head, {})[rest] = value
+  return dataclasses.replace(spec, **{
+      head: replace(getattr(spec, head), inner) if '' not in inner else inner['']
+      for head, inner in nested.items()})
 
 
 def _type_ok(value, kind) -> bool:

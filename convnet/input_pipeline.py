@@ -308,19 +308,22 @@ def normalize(images, mean, std):
 AUGMENTATIONS = ('none', 'shift', 'crop_flip')
 
 
-def augment(images, key: jax.Array, kind: str, pixels: int):
+def augment(images, key: jax.Array, kind: str, pixels, pad: int | None = None):
   """uint8 [b, h, w, c] images, each moved at random (on the device, inside the step).
 
   'shift': translated by up to `pixels` in each direction, the border filled with 0
   (MNIST's background); 'crop_flip': the same (pad with zeros and crop, the CIFAR
   standard) plus a horizontal flip of half the images; 'none' returns them as they are.
+  `pixels` may be traced (the members of a vmapped sweep group move by their own), with
+  `pad` >= every member's pixels: the same moves as pixels alone would make.
   """
-  if kind == 'none' or (kind == 'shift' and not pixels):
+  pad = pixels if pad is None else pad
+  if kind == 'none' or (kind == 'shift' and not pad):
     return images
   b, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)))
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   shift_key, flip_key = jax.random.split(key)
-  offsets = jax.random.randint(shift_key, (b, 2), 0, 2 * pixels + 1)
+  offsets = jax.random.randint(shift_key, (b, 2), 0, 2 * pixels + 1) + (pad - pixels)
   moved = jax.vmap(lambda image, o: lax.dynamic_slice(image, (o[0], o[1], 0), (h, w, c)))(
       padded, offsets)
   if kind == 'crop_flip':

@@ -30,11 +30,12 @@ TEST_SCALARS = {'test_loss': 'eval/loss', 'test_accuracy': 'eval/accuracy'}
 _THREAD = threading.local()  # .prefix: what this thread's lines start with (a sweep point's).
 
 
-def print_line(text: str) -> None:
+def print_line(text: str, prefix: str | None = None) -> None:
   """One line to stdout in one write: lines of points training at once (a sweep's
   threads) never run into each other, as print's separate newline lets them; each starts
-  with its thread's `line_prefix`."""
-  sys.stdout.write(getattr(_THREAD, 'prefix', '') + text + '\n')
+  with `prefix`, by default its thread's `line_prefix`."""
+  prefix = getattr(_THREAD, 'prefix', '') if prefix is None else prefix
+  sys.stdout.write(prefix + text + '\n')
   sys.stdout.flush()
 
 

@@ -197,8 +197,9 @@ class Ops:
 
   @property
   def Dropout(self):  # pylint: disable=invalid-name
-    """nn.Dropout, or on the CPU kernels the same masks from a faster hash."""
-    return cpu_dropout.Dropout if self.backend == 'cpu' else nn.Dropout
+    """nn.Dropout's masks, on the CPU kernels from a faster hash; its rate may be traced."""
+    return functools.partial(cpu_dropout.Dropout, bits=cpu_dropout.threefry_bits
+                             if self.backend == 'cpu' else cpu_dropout.random_bits)
 
 
 _SAID: set = set()

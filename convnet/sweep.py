@@ -34,7 +34,7 @@ import threading
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from convnet import config_lib, metric_writer, parallel, report, train, workdir
+from convnet import checkpoint, config_lib, metric_writer, parallel, report, train, workdir
 
 SWEEP_FILE = 'sweep.json'
 BASE_FILE = 'base_config.json'
@@ -197,14 +197,41 @@ def default_points_at_once() -> int:
   return 2 if jax.default_backend() == 'cpu' else jax.local_device_count()
 
 
+def saved_step(point_dir: str) -> int:
+  """The step of a point's latest checkpoint (0: none): points vmapped together resume
+  from the same step."""
+  directory = os.path.join(point_dir, checkpoint.SUBDIR)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return max((int(n) for n in names if n.isdigit()), default=0)
+
+
+def program_groups(todo: list[tuple[int, int, str, object]], sweep_dir: str,
+                   vmap_points: int) -> list[list[tuple[int, int, str, object]]]:
+  """The points in groups that train as one vmapped program (train.train_together): those
+  whose configs differ only in train.VMAPPED_KEYS and that resume from the same step, at
+  most vmap_points (0: no limit) per group, in the sweep's order."""
+  groups: dict = {}
+  for point in todo:
+    key = json.dumps([train.program_key(config_lib.read(point[3])),
+                      saved_step(os.path.join(sweep_dir, point[2]))], sort_keys=True, default=str)
+    if key not in groups or len(groups[key][-1]) == (vmap_points or len(todo)):
+      groups.setdefault(key, []).append([])
+    groups[key][-1].append(point)
+  return sorted((g for gs in groups.values() for g in gs), key=lambda g: g[0][0])
+
+
 def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
-        worker_index: int = 0, points_at_once: int | None = None) -> list[dict]:
+        worker_index: int = 0, points_at_once: int | None = None,
+        vmap_points: int = 0) -> list[dict]:
   """Trains this worker's unfinished points; returns the table of everything on disk.
 
-  points_at_once > 1 trains that many points at once, each on one device (num_devices=1,
-  so each equals that point trained alone on one device), round-robin over the local
-  devices: several per device when there are more points at once than devices. 1 trains
-  one point at a time on the devices the config asks for. Default: default_points_at_once.
+  points_at_once > 1 trains that many programs at once, each on one device (num_devices=1,
+  so each point equals that point trained alone on one device), round-robin over the local
+  devices: several per device when there are more at once than devices. 1 trains one at
+  a time on the devices the config asks for. Default: default_points_at_once. A program
+  holds one point, or up to vmap_points (0: any number) that differ only in
+  train.VMAPPED_KEYS, vmapped (program_groups): on every backend, a 2-core CPU too, that
+  is faster than one program per point (docs/performance.md).
   The table rows are plain dicts (see report.collect), so a notebook needs no pandas.
   """
   import jax  # pylint: disable=import-outside-toplevel
@@ -229,40 +256,54 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   with workdir.locked(worker_dir):
     todo = [i for i in share if not os.path.exists(
         os.path.join(sweep_dir, expanded[i][0], 'results.json'))]
+    groups = program_groups([(i, len(expanded), *expanded[i]) for i in todo], sweep_dir,
+                            vmap_points)
+    programs = (f'{len(todo)} points in {len(groups)} vmapped programs'
+                if len(groups) < len(todo) else 'one program per point')
     at_once = (f'{points_at_once} at once, each on one device of {jax.local_device_count()}'
                if points_at_once > 1 else 'one at a time')
     print(f'sweep {sweep_dir}: {len(expanded)} points, {len(share)} for worker {worker_index} of '
-          f'{num_workers}, {len(share) - len(todo)} already done; {at_once}', flush=True)
-    train_points([(i, len(expanded), *expanded[i]) for i in todo], sweep_dir, slots)
+          f'{num_workers}, {len(share) - len(todo)} already done; {programs}, {at_once}',
+          flush=True)
+    train_points(groups, sweep_dir, slots)
   rows = report.collect(sweep_dir)
   report.write(sweep_dir, rows)
   return rows
 
 
-def train_points(todo: list[tuple[int, int, str, object]], sweep_dir: str, slots: list) -> None:
-  """Trains the (index, count, name, config) points in threads, one per slot (the devices a
-  point trains on, or None for its config's own) at a time. After a point fails, no new
-  one starts, and the first error is raised once the running ones end; SIGTERM/SIGINT
-  stops every running point at its next checkpoint (train.Interrupted)."""
+def train_points(groups: list[list[tuple[int, int, str, object]]], sweep_dir: str,
+                 slots: list) -> None:
+  """Trains the groups of (index, count, name, config) points (program_groups) in threads,
+  one per slot (the devices a group trains on, or None for its config's own) at a time.
+  After a group fails, no new one starts, and the first error is raised once the running
+  ones end; SIGTERM/SIGINT stops every running group at its next checkpoint
+  (train.Interrupted)."""
   free = queue.Queue()
   for slot in slots:
     free.put(slot)
   failed = threading.Event()
 
-  def train_point(index, count, name, config):
+  def train_group(group):
     if failed.is_set():
       return
     devices = free.get()
+    numbers = [f'{index + 1}' for index, _, _, _ in group]
+    count = group[0][1]
     try:
       where = f' on {devices[0]}' if devices else ''
-      metric_writer.print_line(f'== point {index + 1} of {count}{where}: {name}')
-      with metric_writer.line_prefix(f'[point {index + 1}] '):
-        results = train.train_and_evaluate(config, os.path.join(sweep_dir, name),
-                                           devices=devices, stop_requested=stop_requested)
-      metric_writer.print_line(f'== point {index + 1} of {count} done: {name}: '
-                               + train.summary_line(results))
+      for index, _, name, _ in group:
+        together = f', vmapped with {len(group) - 1} more' if len(group) > 1 else ''
+        metric_writer.print_line(f'== point {index + 1} of {count}{where}{together}: {name}')
+      with metric_writer.line_prefix(f'[point {"+".join(numbers)}] '):
+        results = train.train_together(
+            [(config, os.path.join(sweep_dir, name)) for _, _, name, config in group],
+            devices=devices, stop_requested=stop_requested,
+            prefixes=[f'[point {number}] ' for number in numbers])
+      for (index, _, name, _), result in zip(group, results):
+        metric_writer.print_line(f'== point {index + 1} of {count} done: {name}: '
+                                 + train.summary_line(result))
     except workdir.LockedError as e:  # Another worker's share overlaps this one's.
-      metric_writer.print_line(f'== point {index + 1} of {count} skipped: {e}')
+      metric_writer.print_line(f'== point {"+".join(numbers)} of {count} skipped: {e}')
     except BaseException:
       failed.set()
       raise
@@ -271,7 +312,7 @@ def train_points(todo: list[tuple[int, int, str, object]], sweep_dir: str, slots
 
   with train.stop_requests() as stop_requested, \
        concurrent.futures.ThreadPoolExecutor(len(slots)) as pool:
-    futures = [pool.submit(train_point, *point) for point in todo]
+    futures = [pool.submit(train_group, group) for group in groups]
   errors = [f.exception() for f in futures if f.exception() is not None]
   if errors:
     raise next((e for e in errors if not isinstance(e, train.Interrupted)), errors[0])
@@ -290,7 +331,7 @@ def main(argv):
     if num_workers is None and worker_index is None:  # A SLURM array task says which.
       num_workers, worker_index = parallel.slurm_array_worker() or (1, 0)
     rows = run(CONFIG.value, points, WORKDIR.value, num_workers or 1, worker_index or 0,
-               POINTS_AT_ONCE.value)
+               POINTS_AT_ONCE.value, VMAP_POINTS.value)
   except train.Interrupted as e:
     print(f'stopped: {e}', file=sys.stderr)
     sys.exit(train.EXIT_INTERRUPTED)
@@ -312,6 +353,11 @@ if __name__ == '__main__':
       '(num_devices=1), round-robin over the devices; 1 = one at a time, on the devices '
       'the config asks for. Default: one per device on GPU and TPU, 2 on CPU.',
       lower_bound=1)
+  VMAP_POINTS = flags.DEFINE_integer(
+      'vmap_points', 0, 'Train up to this many points that differ only in keys that '
+      f'change no shape ({", ".join(train.VMAPPED_KEYS)}) as one vmapped program, each in '
+      'its own workdir; 0 = all such points, 1 = one program per point.',
+      lower_bound=0)
   COMPILATION_CACHE = flags.DEFINE_bool(
       'compilation_cache', True, 'Keep compiled programs in $CONVNET_CACHE (default '
       '~/.cache/convnet/jax), so points of the same shapes, and reruns, skip compiling.')

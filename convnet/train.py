@@ -9,6 +9,7 @@ round trip per step; the host reads each chunk's metrics after starting the next
 """
 
 import contextlib
+import dataclasses
 import functools
 import os
 import shutil
@@ -128,9 +129,11 @@ def eval_step(state: TrainState, batch):
 
 
 @functools.partial(jax.jit, static_argnums=1)  # One program, not one per op.
-def seed_keys(seed: int, num_seeds: int):
-  """(init, data, dropout) keys, each with a leading axis of num_seeds; seed i is seed + i."""
-  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(seed + jnp.arange(num_seeds))
+def seed_keys(seeds, num_seeds: int):
+  """(init, data, dropout) keys, each with a leading axis of num_seeds per entry of `seeds`
+  (an int, or a vmapped group's points' seeds): seed s's i-th is seed s + i."""
+  members = (jnp.reshape(jnp.asarray(seeds), (-1, 1)) + jnp.arange(num_seeds)).ravel()
+  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(members)
   return keys[:, 0], keys[:, 1], keys[:, 2]
 
 
@@ -149,6 +152,12 @@ device_copy = jax.jit(functools.partial(jax.tree_util.tree_map, jnp.copy))
 first_seed = jax.jit(functools.partial(jax.tree_util.tree_map, lambda x: x[0]))
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def first_seeds(tree, num_seeds: int):
+  """Each point's first seed, stacked: every num_seeds-th member."""
+  return jax.tree_util.tree_map(lambda x: x[::num_seeds], tree)
+
+
 def epoch_permutations(data_keys: jax.Array, epoch: int, num_examples: int) -> jax.Array:
   """[seeds, num_examples]: each seed's order of the training set in `epoch`."""
   return jax.vmap(input_pipeline.epoch_permutation, in_axes=(0, None, None))(
@@ -157,20 +166,71 @@ def epoch_permutations(data_keys: jax.Array, epoch: int, num_examples: int) -> j
 
 AUGMENT_STREAM = 0x617567  # Folded into a seed's dropout key: augmentation's own stream.
 
+# Config keys that change no shape and no code path: the points of a sweep that differ
+# only in these train as the members of one vmapped program (train_together), as seeds do.
+VMAPPED_KEYS = ('seed', 'learning_rate', 'schedule', 'warmup_epochs', 'weight_decay',
+                'model.dropout', 'data.augment_pixels')
+
+
+def program_key(spec: config_lib.Spec) -> dict:
+  """spec's config without VMAPPED_KEYS: specs with equal keys can train as one program."""
+  return {k: v for k, v in config_lib.flatten(spec.record).items() if k not in VMAPPED_KEYS}
+
+
+def member_values(specs: list[config_lib.Spec], steps_per_epoch: int) -> dict[str, np.ndarray]:
+  """{key: [members, ...]} for each of VMAPPED_KEYS whose values differ between specs (one
+  per point, same program_key), each point's value once per seed; the learning rate as
+  its schedule's value at every step, so that schedule and warmup vary with it. Values
+  the specs share stay constants of the program: one spec compiles as it would alone."""
+  def differ(*keys):
+    return len({tuple(config_lib.get(s, k) for k in keys) for s in specs}) > 1
+
+  values = {}
+  if differ('learning_rate', 'schedule', 'warmup_epochs'):
+    steps = jnp.arange(specs[0].num_epochs * steps_per_epoch)
+    values['learning_rate'] = [  # A constant schedule gives one value for all steps.
+        jnp.broadcast_to(optim.create_learning_rate_fn(s, steps_per_epoch)(steps), steps.shape)
+        for s in specs]
+  for key in ('weight_decay', 'model.dropout', 'data.augment_pixels'):
+    if differ(key):
+      values[key] = [config_lib.get(s, key) for s in specs]
+  return {k: np.repeat(np.asarray(v), specs[0].num_seeds, axis=0) for k, v in values.items()}
+
+
+def member_state(spec: config_lib.Spec, steps_per_epoch: int) -> Callable:
+  """(state, values) -> the state with the optimizer and model of one member's values (a
+  member's row of member_values, traced), for a step; without values, the state itself."""
+
+  def vary(state: TrainState, values: dict) -> TrainState:
+    if not values:
+      return state
+    member = config_lib.replace(spec, {k: v for k, v in values.items() if k != 'learning_rate'})
+    learning_rate_fn = optim.create_learning_rate_fn(member, steps_per_epoch)
+    if 'learning_rate' in values:
+      learning_rate_fn = values['learning_rate'].__getitem__  # Its value at each step.
+    return state.replace(tx=optim.create_optimizer(member, learning_rate_fn),
+                         apply_fn=build_model(member.model).apply)
+
+  return vary
+
 
 def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int, mean, std,
-                     micro_batch_size: int = 0, augment: tuple[str, int] = ('none', 0)):
+                     micro_batch_size: int = 0, augment: tuple[str, int] = ('none', 0),
+                     vary: Callable = lambda state, values: state):
   """A function running num_steps of train_step for every seed, over device-resident data.
 
   Global batch j of an epoch is perm[j*B:(j+1)*B] whatever the number of devices,
   and device d takes its d-th slice of it; the chunk starts at the batch
   `state.step` points to, so chunks of any length give the same data order.
-  Seeds are a vmapped leading axis of state, perm and dropout_key. `augment` (kind,
+  Members (seeds; in a vmapped sweep group, each point's seeds) are a vmapped leading
+  axis of state, perm, dropout_key and values (member_values), whose row `vary`
+  (member_state) makes each member's optimizer and model from. `augment` (kind,
   pixels) moves the batch's images on the device, keyed by seed, step and device, so a
-  resumed run draws the same moves.
+  resumed run draws the same moves; a member's own data.augment_pixels (at most
+  `pixels`) moves them by as much.
   """
 
-  def chunk(state, images, labels, perm, dropout_key):
+  def chunk(state, images, labels, perm, dropout_key, values):
     num_devices = lax.psum(1, AXIS)
     first = ((state.step % steps_per_epoch) * num_devices + lax.axis_index(AXIS)) * per_device_batch
 
@@ -179,13 +239,17 @@ def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int
                               (per_device_batch,))
       key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
           dropout_key, AUGMENT_STREAM), state.step), lax.axis_index(AXIS))
-      moved = input_pipeline.augment(images[idx], key, *augment)
+      kind, pixels = augment
+      moved = input_pipeline.augment(images[idx], key, kind,
+                                     values.get('data.augment_pixels', pixels), pad=pixels)
       batch = {'image': input_pipeline.normalize(moved, mean, std), 'label': labels[idx]}
-      return train_step(state, batch, dropout_key, micro_batch_size=micro_batch_size)
+      new, metrics = train_step(vary(state, values), batch, dropout_key,
+                                micro_batch_size=micro_batch_size)
+      return new.replace(tx=state.tx, apply_fn=state.apply_fn), metrics
 
     return lax.scan(body, state, jnp.arange(num_steps))
 
-  return jax.vmap(chunk, in_axes=(0, None, None, 0, 0))
+  return jax.vmap(chunk, in_axes=(0, None, None, 0, 0, 0))
 
 
 def make_evaluate(mean, std):
@@ -211,14 +275,16 @@ def make_evaluate(mean, std):
 
 def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, mean, std,
                          devices, how: str = 'pmap', micro_batch_size: int = 0,
-                         augment: tuple[str, int] = ('none', 0)) -> Callable:
-  """(states, images, labels, perms, dropout_keys) -> (states, per-step metrics [steps, seeds]).
+                         augment: tuple[str, int] = ('none', 0),
+                         vary: Callable = lambda state, values: state) -> Callable:
+  """(states, images, labels, perms, dropout_keys, values) -> (states, per-step metrics
+  [members, steps]); values: member_values' (empty but for a vmapped sweep group).
 
   The states passed in are donated: their buffers hold the new states.
   """
   chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std,
-                           micro_batch_size, augment)
-  return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None), how=how,
+                           micro_batch_size, augment, vary)
+  return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None, None), how=how,
                               donate_argnums=(0,))
 
 
@@ -375,10 +441,12 @@ class Run(NamedTuple):
 
 
 def init_run(spec: config_lib.Spec, image_shape, steps_per_epoch: int,
-             axis_name: str | None = AXIS) -> Run:
-  """The model, schedule, fresh per-seed train states and keys of `spec`."""
+             axis_name: str | None = AXIS, seeds: tuple[int, ...] | None = None) -> Run:
+  """The model, schedule, fresh per-seed train states and keys of `spec` (of each of
+  `seeds` in turn, for a vmapped sweep group: its points' seeds)."""
   model = build_model(spec.model, axis_name)
-  init_keys, data_keys, dropout_keys = seed_keys(spec.seed, spec.num_seeds)
+  init_keys, data_keys, dropout_keys = seed_keys(spec.seed if seeds is None else seeds,
+                                                 spec.num_seeds)
   learning_rate_fn = optim.create_learning_rate_fn(spec, steps_per_epoch)
   state = create_train_states(init_keys, spec, model, image_shape, learning_rate_fn)
   return Run(model, learning_rate_fn, state, data_keys, dropout_keys)
@@ -415,61 +483,122 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   (config.num_devices of them; default: the first ones) and `stop_requested` (see
   stop_requests) let a sweep train several points at once, each on its own devices.
   """
+  return train_together([(config, workdir)], allow_config_change=allow_config_change,
+                        devices=devices, stop_requested=stop_requested)[0]
+
+
+def train_together(runs: list[tuple[ml_collections.ConfigDict, str]], *,
+                   allow_config_change: bool = False, devices: list | None = None,
+                   stop_requested: list | None = None,
+                   prefixes: list[str] | None = None) -> list[dict]:
+  """train_and_evaluate for (config, workdir) runs whose configs differ only in
+  VMAPPED_KEYS, as the members of one vmapped program: each run's seeds are a slice of
+  its leading axis, with that run's values (member_values), and each run writes its own
+  workdir as it would alone. `prefixes` start each run's lines (default: several runs'
+  workdir names; a sweep names its points).
+  """
   run_start = time.time()
   with stop_requests(stop_requested) as stop_requested:
-    spec = validate(config)
+    specs = [validate(config) for config, _ in runs]
+    shared = program_key(specs[0])
+    for spec, (_, workdir) in zip(specs[1:], runs[1:]):
+      own = program_key(spec)
+      diff = [f'{k}: {shared.get(k)!r} -> {own.get(k)!r}' for k in sorted(set(shared) | set(own))
+              if shared.get(k) != own.get(k)]
+      if diff:
+        raise config_lib.ConfigError(f'{workdir} cannot train in one program with '
+                                     f'{runs[0][1]}: {"; ".join(diff)}')
     if jax.default_backend() == 'cpu':
       memory.keep_freed_memory()
-    devices, local_devices = run_devices(spec, devices)
-    data = load_data(spec)
-    steps_per_epoch = check_data(spec, data)
-    results = train_in_workdir(
-        spec=spec, workdir=workdir, data=data, devices=devices, local_devices=local_devices,
-        steps_per_epoch=steps_per_epoch, allow_config_change=allow_config_change,
-        stop_requested=stop_requested, run_start=run_start)
+    devices, local_devices = run_devices(specs[0], devices)
+    data = load_data(specs[0])
+    steps_per_epoch = check_data(specs[0], data)
+    results = train_in_workdirs(
+        specs=specs, workdirs=[workdir for _, workdir in runs],
+        prefixes=prefixes or [f'[{os.path.basename(os.path.normpath(workdir))}] '
+                              if len(runs) > 1 else None for _, workdir in runs],
+        data=data, devices=devices,
+        local_devices=local_devices, steps_per_epoch=steps_per_epoch,
+        allow_config_change=allow_config_change, stop_requested=stop_requested,
+        run_start=run_start)
   if parallel.is_writer() and not metric_writer.in_labelled_lines():  # A sweep says its own.
-    metric_writer.print_line(summary_line(results, workdir))
+    for (_, workdir), result in zip(runs, results):
+      metric_writer.print_line(summary_line(result, workdir))
   return results
 
 
-def train_in_workdir(*, spec: config_lib.Spec, workdir: str, data: input_pipeline.Dataset,
-                     devices: list, local_devices: list, steps_per_epoch: int,
-                     allow_config_change: bool, stop_requested: list, run_start: float) -> dict:
-  """Claims the workdir, then trains (resuming what it holds) and finishes the run."""
+@dataclasses.dataclass
+class Point:
+  """One workdir's share of a Training: its spec, records and writers, the slice of the
+  vmapped axis its seeds are, and the times and test results it reports."""
+  spec: config_lib.Spec
+  workdir: str
+  records: dict  # What workdir_lib.start writes once the run has started.
+  checkpoints: checkpoint.Manager
+  out: metric_writer.MetricWriter
+  members: slice
+  prefix: str | None  # Its lines' (a sweep's point), else the thread's.
+  learning_rate_fn: optax.Schedule
+  train_time: float = 0.0  # Including the time spent before a resume.
+  earlier_wall_time: float = 0.0  # Spent before a resume.
+  test: dict | None = None  # The last test record, and seed 0's confusion matrix.
+  confusion: np.ndarray | None = None
+
+  def log(self, text: str) -> None:
+    if parallel.is_writer():
+      metric_writer.print_line(text, prefix=self.prefix)
+
+
+def train_in_workdirs(*, specs: list[config_lib.Spec], workdirs: list[str],
+                      prefixes: list[str | None], data: input_pipeline.Dataset, devices: list,
+                      local_devices: list, steps_per_epoch: int, allow_config_change: bool,
+                      stop_requested: list, run_start: float) -> list[dict]:
+  """Claims each workdir, then trains (resuming what they hold) and finishes the runs."""
   writer = parallel.is_writer()
-  data_record = workdir_lib.data_record(data, spec, len(devices))
-  with workdir_lib.claim(workdir, enabled=writer):
-    records = workdir_lib.prepare(workdir, spec.record, data_record, allow_config_change)
-    with checkpoint.manager(workdir, spec.keep_checkpoints) as checkpoints, \
-         contextlib.closing(metric_writer.MetricWriter(workdir, writer, spec.progress)) as out, \
-         on_devices(data, data_record, spec.eval_batch_size, devices, local_devices) as arrays:
-      try:
-        training = Training(spec=spec, workdir=workdir, data=data, arrays=arrays,
-                            devices=devices, local_devices=local_devices,
-                            steps_per_epoch=steps_per_epoch, records=records,
-                            checkpoints=checkpoints, out=out, stop_requested=stop_requested,
-                            run_start=run_start)
-        training.train()
-        return training.finish()
-      except (MemoryError, jax.errors.JaxRuntimeError) as e:
-        # XLA's own error, not any RESOURCE_EXHAUSTED: a full disk is that to orbax too.
-        if not isinstance(e, MemoryError) and 'RESOURCE_EXHAUSTED' not in str(e):
-          raise
-        raise OutOfMemory(out_of_memory_advice(spec, devices, checkpoints)) from e
+  data_record = workdir_lib.data_record(data, specs[0], len(devices))
+  num_seeds = specs[0].num_seeds
+  with contextlib.ExitStack() as stack:
+    points = []
+    for i, (spec, workdir, prefix) in enumerate(zip(specs, workdirs, prefixes)):
+      stack.enter_context(workdir_lib.claim(workdir, enabled=writer))
+      records = workdir_lib.prepare(workdir, spec.record, data_record, allow_config_change)
+      checkpoints = stack.enter_context(checkpoint.manager(workdir, spec.keep_checkpoints))
+      out = stack.enter_context(contextlib.closing(metric_writer.MetricWriter(
+          workdir, writer, spec.progress and len(specs) == 1)))  # Bars of several garble.
+      points.append(Point(spec=spec, workdir=workdir, records=records, checkpoints=checkpoints,
+                          out=out, members=slice(i * num_seeds, (i + 1) * num_seeds),
+                          prefix=prefix,
+                          learning_rate_fn=optim.create_learning_rate_fn(spec, steps_per_epoch)))
+    arrays = stack.enter_context(on_devices(data, data_record, specs[0].eval_batch_size,
+                                            devices, local_devices))
+    try:
+      training = Training(points=points, data=data, arrays=arrays, devices=devices,
+                          local_devices=local_devices, steps_per_epoch=steps_per_epoch,
+                          stop_requested=stop_requested, run_start=run_start)
+      training.train()
+      return training.finish()
+    except (MemoryError, jax.errors.JaxRuntimeError) as e:
+      # XLA's own error, not any RESOURCE_EXHAUSTED: a full disk is that to orbax too.
+      if not isinstance(e, MemoryError) and 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      raise OutOfMemory(out_of_memory_advice(specs[0], devices, points[0].checkpoints,
+                                             len(points))) from e
 
 
 class OutOfMemory(MemoryError):
   """A device (or the host) ran out of memory; the message names the settings to lower."""
 
 
-def out_of_memory_advice(spec: config_lib.Spec, devices: list, checkpoints) -> str:
-  """What ran out, the settings that size it, and what is on disk."""
+def out_of_memory_advice(spec: config_lib.Spec, devices: list, checkpoints,
+                         num_points: int = 1) -> str:
+  """What ran out, the settings that size it, and what is on disk (of the first point)."""
   try:
     checkpoint.finish(checkpoints)
     kept = checkpoints.all_steps()
   except checkpoint.CheckpointError:
     kept = []
   seeds = f' x num_seeds={spec.num_seeds}' if spec.num_seeds > 1 else ''
+  seeds += f' x {num_points} sweep points in one program' if num_points > 1 else ''
   slices = (f'micro_batch_size={spec.micro_batch_size}' if spec.micro_batch_size else
             'micro_batch_size (0: each device computes its whole share at once)')
   disk = (f'the last checkpoint (step {max(kept)}) is kept in {checkpoints.directory}: '
@@ -514,7 +643,8 @@ def on_devices(data: input_pipeline.Dataset, data_record: dict, eval_batch_size:
 
 
 class Training:
-  """One run's state between chunks, and the loop that trains it.
+  """The runs of one program between chunks (its Points: one, or a vmapped sweep group's),
+  and the loop that trains them.
 
   The host reads a chunk's results one chunk behind: it starts chunk k+1 (after the
   evaluation and the checkpoint copy that follow chunk k) before it waits for chunk k's
@@ -524,28 +654,23 @@ class Training:
   writer only after the records up to its step are written.
   """
 
-  def __init__(self, *, spec: config_lib.Spec, workdir: str, data: input_pipeline.Dataset,
-               arrays: DeviceData, devices: list, local_devices: list, steps_per_epoch: int,
-               records: dict | None, checkpoints, out: metric_writer.MetricWriter,
-               stop_requested: list, run_start: float):
-    self.spec, self.workdir, self.data, self.arrays = spec, workdir, data, arrays
+  def __init__(self, *, points: list[Point], data: input_pipeline.Dataset, arrays: DeviceData,
+               devices: list, local_devices: list, steps_per_epoch: int, stop_requested: list,
+               run_start: float):
+    self.points, self.data, self.arrays = points, data, arrays
+    self.spec = spec = points[0].spec  # All but VMAPPED_KEYS: what the points share.
     self.devices, self.local_devices = devices, local_devices
-    self.steps_per_epoch, self.records = steps_per_epoch, records
-    self.checkpoints, self.out, self.stop_requested = checkpoints, out, stop_requested
+    self.steps_per_epoch, self.stop_requested = steps_per_epoch, stop_requested
     self.run_start, self.writer = run_start, parallel.is_writer()
     self.log = metric_writer.print_line if self.writer else lambda text: None
+    self.started = False  # The points' records are written (mark_started).
     image_shape = data.train.images.shape[1:]
-    self.model, self.learning_rate_fn, state, data_keys, dropout_keys = init_run(
-        spec, image_shape, steps_per_epoch)
-    seed0 = first_seed(state)
+    run = init_run(spec, image_shape, steps_per_epoch, seeds=[p.spec.seed for p in points])
+    self.model = run.model
+    seed0 = first_seed(run.state)
     self.num_params = models.count_params(seed0.params)
     self.flops_per_image = training_flops_per_image(spec.model, seed0, image_shape)
-    self.train_time, self.earlier_wall_time = 0.0, 0.0  # Times spent before a resume.
-    restored = restore_checkpoint(checkpoints, state, (data_keys, dropout_keys))
-    if restored:
-      state, (data_keys, dropout_keys), times, step = restored
-      self.train_time, self.earlier_wall_time = times['train_s'], times['wall_s']
-      self.log(f'resuming {workdir} from its checkpoint at step {step}')
+    state, data_keys, dropout_keys = self.restore(run)
     self.step = self.saved = self.checkpointed = self.resumed_at = int(state.step[0])
     if not metric_writer.in_labelled_lines():  # A sweep's table has these.
       self.log(f'{self.num_params:,} parameters, {self.flops_per_image / 1e6:.1f} MFLOP per '
@@ -556,8 +681,10 @@ class Training:
                f'process(es)')
     # The state and keys live on every device, as the parallel functions return them, so
     # each compiled function sees one sharding whether the state is new or restored.
-    self.state, self.data_keys, self.dropout_keys = jax.device_put(
-        (state, data_keys, dropout_keys), parallel.replicated(local_devices))
+    self.state, self.data_keys, self.dropout_keys, self.values = jax.device_put(
+        (state, data_keys, dropout_keys,
+         member_values([p.spec for p in points], steps_per_epoch)),
+        parallel.replicated(local_devices))
     start = time.time()
     self.evaluate = parallel.compile_now(
         parallel_evaluate(data.mean, data.std, devices, spec.parallel), self.state,
@@ -565,10 +692,36 @@ class Training:
     self.permute = jax.jit(epoch_permutations, static_argnums=2)
     self.compile_time = time.time() - start
     self.chunks, self.perms, self.shown_epoch = {}, None, None
-    self.test = self.confusion = None
     self.epoch_metrics, self.epoch_time, self.ready_at = [], 0.0, 0.0
     self.profile = Profile(spec.profile_steps if self.writer else 0,
-                           os.path.join(workdir, 'tensorboard'))
+                           os.path.join(points[0].workdir, 'tensorboard'))
+
+  def share(self, tree, point: Point):
+    """point's members of a tree whose leading axis is the members'."""
+    if len(self.points) == 1:
+      return tree
+    return jax.tree_util.tree_map(lambda x: x[point.members], tree)
+
+  def restore(self, run: Run) -> tuple:
+    """(state, data keys, dropout keys): every point's from its latest checkpoint (all of one
+    step), or the fresh ones of `run` where none holds a checkpoint."""
+    restored = [restore_checkpoint(p.checkpoints, self.share(run.state, p),
+                                   self.share((run.data_keys, run.dropout_keys), p))
+                for p in self.points]
+    if not any(restored):
+      return run.state, run.data_keys, run.dropout_keys
+    steps = {p.workdir: r[3] if r else 0 for p, r in zip(self.points, restored)}
+    if len(set(steps.values())) > 1:
+      raise checkpoint.CheckpointError(
+          f'points at different steps cannot train in one program: {steps}; train them '
+          f'one by one (convnet.sweep --vmap_points=1)')
+    for point, (_, _, times, step) in zip(self.points, restored):
+      point.train_time, point.earlier_wall_time = times['train_s'], times['wall_s']
+      point.log(f'resuming {point.workdir} from its checkpoint at step {step}')
+    state, (data_keys, dropout_keys) = jax.tree_util.tree_map(
+        lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0],
+        *[(r[0], r[1]) for r in restored])
+    return state, data_keys, dropout_keys
 
   def train(self) -> None:
     """Every chunk up to num_epochs, or up to a SIGTERM/SIGINT (then saved; Interrupted)."""
@@ -579,15 +732,18 @@ class Training:
       self.handle(pending)  # Waits for the chunk before the one just started.
       pending = started
     self.handle(pending)
-    if self.stop_requested and self.records is not None:  # No chunk ran: nothing written.
-      raise Interrupted(f'{self.stop_requested[0]} before training started: {self.workdir} is '
-                        f'as it was; rerun the same command to start')
+    if self.stop_requested and not self.started:  # No chunk ran: nothing written.
+      raise Interrupted(f'{self.stop_requested[0]} before training started: '
+                        f'{", ".join(p.workdir for p in self.points)} is as it was; rerun the '
+                        f'same command to start')
     if self.stop_requested:
       if self.checkpointed != self.step:
         self.handle_checkpoint(self.step, self.snapshot())
-      checkpoint.finish(self.checkpoints)
+      for point in self.points:
+        checkpoint.finish(point.checkpoints)
       raise Interrupted(f'{self.stop_requested[0]} at step {self.step}: checkpoint saved in '
-                        f'{self.checkpoints.directory}; rerun the same command to resume')
+                        f'{", ".join(str(p.checkpoints.directory) for p in self.points)}; rerun '
+                        f'the same command to resume')
 
   def start_chunk(self) -> list:
     """Starts the steps up to the next logging point or epoch end, then the evaluation and
@@ -599,7 +755,7 @@ class Training:
           parallel.replicated(self.local_devices))
     end = chunk_end(step, self.steps_per_epoch, spec.log_every_steps)
     args = (self.state, self.arrays.train_images, self.arrays.train_labels, self.perms,
-            self.dropout_keys)
+            self.dropout_keys, self.values)
     train_chunk = self.compiled_chunk(end - step, args)
     self.profile.start()  # After the compile: the trace holds steps only.
     started_at = time.time()
@@ -608,7 +764,7 @@ class Training:
     handlers = [(self.handle_chunk, (step, end, metrics, started_at))]
     if end % self.steps_per_epoch == 0:
       handlers.append((self.handle_epoch_end, (end, self.evaluate(self.state, *self.arrays.test),
-                                               self.seed0_params())))
+                                               self.first_params())))
     if end % self.steps_per_epoch == 0 or (spec.checkpoint_every_steps and
                                            end - self.saved >= spec.checkpoint_every_steps):
       handlers.append((self.handle_checkpoint, (end, self.snapshot())))
@@ -620,12 +776,14 @@ class Training:
     if num_steps not in self.chunks:
       start = time.time()
       if not metric_writer.in_labelled_lines():
-        self.out.note(f'compiling the training step ({num_steps} steps per call)...')
+        self.points[0].out.note(f'compiling the training step ({num_steps} steps per call)...')
       spec = self.spec
+      pixels = max(p.spec.data.augment_pixels for p in self.points)
       self.chunks[num_steps] = parallel.compile_now(parallel_train_chunk(
           num_steps, self.steps_per_epoch, spec.batch_size, self.data.mean, self.data.std,
           self.devices, how=spec.parallel, micro_batch_size=spec.micro_batch_size,
-          augment=(spec.data.augment, spec.data.augment_pixels)), *args)
+          augment=(spec.data.augment, pixels),
+          vary=member_state(spec, self.steps_per_epoch)), *args)
       self.compile_time += time.time() - start
     return self.chunks[num_steps]
 
@@ -633,8 +791,9 @@ class Training:
     """A device copy of what a checkpoint holds: the next chunk may reuse the state's buffers."""
     return device_copy((self.state, self.data_keys, self.dropout_keys))
 
-  def seed0_params(self):
-    return first_seed(self.state.params)
+  def first_params(self):
+    """Each point's first seed's parameters, stacked (seed 0's, for one point)."""
+    return first_seeds(self.state.params, self.spec.num_seeds)
 
   @staticmethod
   def handle(handlers: list) -> None:
@@ -642,117 +801,136 @@ class Training:
       handler(*args)
 
   def handle_chunk(self, step: int, end: int, metrics, started_at: float) -> None:
-    """A chunk's metrics: checked for divergence, written to metrics.jsonl."""
+    """A chunk's metrics: checked for divergence, written to each point's metrics.jsonl."""
     spec = self.spec
-    metrics = jax.device_get(metrics)  # [seeds, steps]. Waits for the chunk.
+    metrics = jax.device_get(metrics)  # [members, steps]. Waits for the chunk.
     # It began when it was started or when the work before it ended, whichever is later.
     chunk_time, self.ready_at = time.time() - max(started_at, self.ready_at), time.time()
     self.profile.ran(end - step, self.log)
-    self.train_time += chunk_time
     self.epoch_time += chunk_time
     epoch = step // self.steps_per_epoch
-    problem = divergence(metrics['loss'], step, spec.divergence_factor,
-                         spec.model.num_classes)
-    if problem:
-      checkpoint.finish(self.checkpoints)  # The advice names the last checkpoint: it is whole.
-      raise FloatingPointError(f'{problem} (epoch {epoch + 1}); ' + divergence_advice(
-          self.checkpointed, started=self.records is None, learning_rate=spec.learning_rate))
+    for point in self.points:
+      point.train_time += chunk_time
+      problem = divergence(metrics['loss'][point.members], step, spec.divergence_factor,
+                           spec.model.num_classes)
+      if problem:
+        for p in self.points:  # The advice names the last checkpoint: it is whole.
+          checkpoint.finish(p.checkpoints)
+        where = f'{point.workdir}: ' if len(self.points) > 1 else ''
+        raise FloatingPointError(f'{where}{problem} (epoch {epoch + 1}); ' + divergence_advice(
+            self.checkpointed, started=self.started, learning_rate=point.spec.learning_rate))
     if epoch != self.shown_epoch:
-      self.out.start_epoch(epoch + 1, spec.num_epochs, self.steps_per_epoch,
-                           epoch * self.steps_per_epoch, step)
+      for point in self.points:
+        point.out.start_epoch(epoch + 1, spec.num_epochs, self.steps_per_epoch,
+                              epoch * self.steps_per_epoch, step)
       self.shown_epoch = epoch
     self.epoch_metrics.append(metrics)
-    record = {'step': end, 'epoch': epoch + 1,
-              'learning_rate': float(self.learning_rate_fn(end - 1)),
-              'images_per_s': (end - step) * spec.batch_size * spec.num_seeds / chunk_time}
-    seed_summary(record, 'train_loss', metrics['loss'].mean(axis=1))
-    seed_summary(record, 'train_accuracy', metrics['accuracy'].mean(axis=1))
     self.mark_started()
-    self.out.write(record)
+    for point in self.points:
+      record = {'step': end, 'epoch': epoch + 1,
+                'learning_rate': float(point.learning_rate_fn(end - 1)),
+                'images_per_s': (end - step) * spec.batch_size * spec.num_seeds / chunk_time}
+      seed_summary(record, 'train_loss', metrics['loss'][point.members].mean(axis=1))
+      seed_summary(record, 'train_accuracy', metrics['accuracy'][point.members].mean(axis=1))
+      point.out.write(record)
 
   def mark_started(self) -> None:
-    """The run has started: its records are written now, so that a start that fails (a
-    refused checkpoint, a model too large to compile) leaves the workdir as it was."""
-    if self.writer and self.records:
-      workdir_lib.start(self.workdir, self.records)
-      workdir_lib.keep_records_up_to(self.out.metrics_path, self.resumed_at)
-    self.records = None
+    """The runs have started: their records are written now, so that a start that fails (a
+    refused checkpoint, a model too large to compile) leaves the workdirs as they were."""
+    if self.writer and not self.started:
+      for point in self.points:
+        workdir_lib.start(point.workdir, point.records)
+        workdir_lib.keep_records_up_to(point.out.metrics_path, self.resumed_at)
+    self.started = True
 
   def handle_epoch_end(self, step: int, sums, params) -> None:
     """The test metrics, filters and summary line of the epoch ending at `step`."""
-    self.test, self.confusion = self.test_record(step, sums)
-    self.out.write(self.test)
-    self.out.filters(jax.device_get(params), step)
-    self.out.end_epoch()
+    self.test_records(step, sums)
+    params = jax.device_get(params)
     losses = np.concatenate([m['loss'] for m in self.epoch_metrics], axis=1)
     accuracies = np.concatenate([m['accuracy'] for m in self.epoch_metrics], axis=1)
-    self.log(f'epoch {step // self.steps_per_epoch}/{self.spec.num_epochs}: train loss '
-             f'{losses.mean():.4f} accuracy {accuracies.mean():.4f} | test loss '
-             f'{self.test["test_loss"]:.4f} accuracy {self.test["test_accuracy"]:.4f} | '
-             f'{losses.size * self.spec.batch_size / self.epoch_time:,.0f} images/s'
-             f'{seeds_counted(self.spec.num_seeds)}, {self.epoch_time:.1f}s')
+    for i, point in enumerate(self.points):
+      point.out.write(point.test)
+      point.out.filters(jax.tree_util.tree_map(lambda x: x[i], params), step)
+      point.out.end_epoch()
+      loss = losses[point.members]
+      point.log(f'epoch {step // self.steps_per_epoch}/{self.spec.num_epochs}: train loss '
+                f'{loss.mean():.4f} accuracy {accuracies[point.members].mean():.4f} | test '
+                f'loss {point.test["test_loss"]:.4f} accuracy '
+                f'{point.test["test_accuracy"]:.4f} | '
+                f'{loss.size * self.spec.batch_size / self.epoch_time:,.0f} images/s'
+                f'{seeds_counted(self.spec.num_seeds)}, {self.epoch_time:.1f}s')
     self.epoch_metrics, self.epoch_time = [], 0.0
 
-  def test_record(self, step: int, sums) -> tuple[dict, np.ndarray]:
-    """(the test record of the state at `step`, seed 0's confusion matrix) from evaluate's sums."""
+  def test_records(self, step: int, sums) -> None:
+    """Each point's test record of the state at `step` and its seed 0's confusion matrix,
+    from evaluate's sums."""
     sums = jax.device_get(sums)
     self.ready_at = time.time()
-    record = {'step': step, 'epoch': step // self.steps_per_epoch,
-              'test_count': int(sums['count'][0]),
-              'time_s': self.earlier_wall_time + time.time() - self.run_start,  # Since the start.
-              'train_time_s': self.train_time}  # Of which training steps.
-    seed_summary(record, 'test_loss', sums['loss'] / sums['count'])
-    seed_summary(record, 'test_accuracy', sums['correct'] / sums['count'])
-    return record, sums['confusion'][0]  # Seed 0's, as the figures show seed 0.
+    for point in self.points:
+      own = jax.tree_util.tree_map(lambda x: x[point.members], sums)
+      record = {'step': step, 'epoch': step // self.steps_per_epoch,
+                'test_count': int(own['count'][0]),
+                'time_s': point.earlier_wall_time + time.time() - self.run_start,  # Since start.
+                'train_time_s': point.train_time}  # Of which training steps.
+      seed_summary(record, 'test_loss', own['loss'] / own['count'])
+      seed_summary(record, 'test_accuracy', own['correct'] / own['count'])
+      point.test, point.confusion = record, own['confusion'][0]  # The figures show seed 0.
 
   def handle_checkpoint(self, step: int, snapshot) -> None:
-    """Hands the checkpoint of `step` to the writer thread (checkpoint.save)."""
+    """Hands each point's checkpoint of `step` to the writer thread (checkpoint.save)."""
     state, data_keys, dropout_keys = snapshot
-    if self.writer:
-      checkpoint.save(self.checkpoints, step, checkpoint_tree(
-          state, (data_keys, dropout_keys),
-          {'train_s': self.train_time,
-           'wall_s': self.earlier_wall_time + time.time() - self.run_start}))
+    for point in self.points if self.writer else []:
+      checkpoint.save(point.checkpoints, step, checkpoint_tree(
+          self.share(state, point), self.share((data_keys, dropout_keys), point),
+          {'train_s': point.train_time,
+           'wall_s': point.earlier_wall_time + time.time() - self.run_start}))
     self.checkpointed = step
 
-  def finish(self) -> dict:
-    """After the last chunk: the last checkpoint on disk, the figures, then results.json."""
+  def finish(self) -> list[dict]:
+    """After the last chunk: the last checkpoints on disk, the figures, then results.json."""
     self.profile.stop(self.log)  # A run shorter than profile_steps.
-    checkpoint.finish(self.checkpoints)  # The last checkpoint is on disk before results.json.
+    for point in self.points:  # The last checkpoint is on disk before results.json.
+      checkpoint.finish(point.checkpoints)
     self.mark_started()  # A run resumed from its last checkpoint trains no step.
-    if self.test is None or self.test['step'] != self.step:
-      self.test, self.confusion = self.test_record(
-          self.step, self.evaluate(self.state, *self.arrays.test))
-    results = self.results()
+    if self.points[0].test is None or self.points[0].test['step'] != self.step:
+      self.test_records(self.step, self.evaluate(self.state, *self.arrays.test))
+    results = [self.results(point) for point in self.points]
     if self.writer:
-      seed0 = first_seed(self.state)
       labels = self.data.test.labels
-      examples = self.data.test.images[[int(np.flatnonzero(labels == label)[0])
-                                        for label in np.unique(labels)[:4]]]
-      self.out.end_of_run(
-          self.step, maps=models.feature_maps(
-              self.model, {'params': seed0.params, 'batch_stats': seed0.batch_stats},
-              input_pipeline.normalize(jnp.asarray(examples), self.data.mean, self.data.std)),
-          confusion=np.asarray(self.confusion), hparams=self.spec.record,
-          metrics={k: results[k] for k in FINAL_METRICS if k in results})
-      workdir_lib.write_json(os.path.join(self.workdir, 'results.json'), results)  # Last: done.
+      examples = input_pipeline.normalize(
+          jnp.asarray(self.data.test.images[[int(np.flatnonzero(labels == label)[0])
+                                             for label in np.unique(labels)[:4]]]),
+          self.data.mean, self.data.std)
+      firsts = first_seeds(self.state, self.spec.num_seeds)
+      for i, (point, result) in enumerate(zip(self.points, results)):
+        seed0 = jax.tree_util.tree_map(lambda x: x[i], firsts)
+        point.out.end_of_run(
+            self.step, maps=models.feature_maps(
+                self.model, {'params': seed0.params, 'batch_stats': seed0.batch_stats},
+                examples),
+            confusion=np.asarray(point.confusion), hparams=point.spec.record,
+            metrics={k: result[k] for k in FINAL_METRICS if k in result})
+        workdir_lib.write_json(os.path.join(point.workdir, 'results.json'), result)  # Done.
     return results
 
-  def results(self) -> dict:
-    spec = self.spec
-    results = {**{k: v for k, v in self.test.items() if k.startswith('test_')},  # Last epoch's.
+  def results(self, point: Point) -> dict:
+    spec = point.spec
+    results = {**{k: v for k, v in point.test.items() if k.startswith('test_')},  # Last epoch's.
                'num_seeds': spec.num_seeds,
                'seeds': [spec.seed + i for i in range(spec.num_seeds)],
                'num_params': self.num_params, 'flops_per_image': self.flops_per_image,
-               'num_epochs': spec.num_epochs, 'train_time_s': self.train_time,
+               'num_epochs': spec.num_epochs, 'train_time_s': point.train_time,
                'compile_time_s': self.compile_time,
                'train_images_per_s': spec.num_epochs * self.steps_per_epoch * spec.batch_size
-                                     * spec.num_seeds / max(self.train_time, 1e-9),
-               'wall_time_s': self.earlier_wall_time + time.time() - self.run_start,
+                                     * spec.num_seeds / max(point.train_time, 1e-9),
+               'wall_time_s': point.earlier_wall_time + time.time() - self.run_start,
                'num_devices': len(self.devices), 'device_kind': self.devices[0].device_kind,
                'kernels': self.model.ops.backend}
-    if 'test_accuracy_per_seed' in self.test:
-      results['test_accuracy_std'] = float(np.std(self.test['test_accuracy_per_seed'], ddof=1))
+    if 'test_accuracy_per_seed' in point.test:
+      results['test_accuracy_std'] = float(np.std(point.test['test_accuracy_per_seed'], ddof=1))
+    if len(self.points) > 1:
+      results['vmapped_with'] = len(self.points) - 1  # Points in its program besides itself.
     return results
 
 

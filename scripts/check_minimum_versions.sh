@@ -62,7 +62,8 @@ fi
 
 # The accelerator path: the library ops against NumPy and 'auto' under a faked GPU and
 # TPU (test_ops), trained under a faked GPU (2 seeds, BatchNorm, shifted images, 1 and 2
-# devices), pmap against jit, the CLI on 8 devices and on 1, SIGTERM, SIGKILL and resume.
+# devices), pmap against jit, the CLI on 8 devices and on 1, SIGTERM, SIGKILL and resume,
+# sweep points vmapped in one program.
 tests=(
     tests/test_models.py tests/test_ops.py
     "tests/test_train.py::test_what_auto_runs_on_a_gpu_trains_seeds_batchnorm_and_shifted_images"
@@ -70,6 +71,7 @@ tests=(
     "tests/test_train.py::test_jit_with_sharding_equals_pmap[xla]"
     "tests/test_main.py::test_cli_trains_the_library_ops_two_seeds_on_shifted_images_on_8_devices_and_1"
     "tests/test_checkpoint.py::test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run_bitwise[xla]"
+    "tests/test_vmapped_points.py::test_points_vmapped_on_the_library_ops_equal_each_alone"
 )
 if [[ $COLAB == 0 ]]; then  # And the rest of what the bounds promise: the CPU kernels, a run
   # that repeats, checkpoints, tfds (mocked, and prepared in both file formats), figures.

@@ -8,7 +8,8 @@ no other, and OUTDIR/device_check.json is rewritten after each one: `backend`,
 step's output in OUTDIR/STEP.log. The steps:
 
   tests             the tests that mean something on this backend: the library ops
-                    against NumPy windows, 'auto' picking them, a faked-then-real GPU run
+                    against NumPy windows, 'auto' picking them, a faked-then-real GPU run,
+                    sweep points vmapped in one program
   train_default     configs/default.py as shipped ('auto' kernels) to its test accuracy
   benchmark_*       convnet.benchmark's images/s for default and keras_convnet (PyTorch
                     on the same device when importable)
@@ -16,6 +17,8 @@ step's output in OUTDIR/STEP.log. The steps:
   sweep             experiments/filters_kernel.py (20 points, one epoch each), wall time,
                     with the sweep's default points at once (one per device)
   sweep_4_at_once   the same with 4 points at once (several per device on one GPU)
+  sweep_vmapped     experiments/learning_rate.py (6 points that change no shape, one
+                    epoch each), wall time: one vmapped program on GPU and TPU
 
 It needs no network: it runs on the machine's own jax, flax, optax, orbax-checkpoint and
 chex, and installs the rest of what convnet imports, where missing, from the wheels in
@@ -113,14 +116,17 @@ def sweep_figures(name: str) -> Callable[[str], dict]:
   return figures
 
 
-def sweep_step(name: str, points_at_once: int, share: float) -> Step:
-  """The filters x kernel sweep, one epoch a point (smoke: 1 point on 512 images)."""
+def sweep_step(name: str, share: float, experiment: str = 'filters_kernel',
+               points_at_once: int = 0, smoke_workers: int = 20) -> Step:
+  """An experiment's sweep, one epoch a point (smoke: worker 0 of smoke_workers, on 512
+  images)."""
   return Step(
       lambda out, smoke: [
-          PYTHON, '-m', 'convnet.sweep', '--config', 'experiments/filters_kernel.py',
+          PYTHON, '-m', 'convnet.sweep', '--config', f'experiments/{experiment}.py',
           '--workdir', os.path.join(out, name), '--config.num_epochs=1',
           *([f'--points_at_once={points_at_once}'] if points_at_once else []),
-          *([*SMOKE_DATA, '--num_workers=20', '--worker_index=0'] if smoke else [])],
+          *([*SMOKE_DATA, f'--num_workers={smoke_workers}', '--worker_index=0'] if smoke
+            else [])],
       sweep_figures(name), share)
 
 
@@ -134,7 +140,9 @@ STEPS = {
                             f'--junitxml={os.path.join(out, "tests.xml")}', 'tests/test_ops.py',
                             *(['-k', 'auto_picks or vmapped'] if smoke else [
                                 'tests/test_models.py', 'tests/test_train.py::test_what_auto_runs_on_a_gpu_'
-                                'trains_seeds_batchnorm_and_shifted_images[1]'])],
+                                'trains_seeds_batchnorm_and_shifted_images[1]',
+                                'tests/test_vmapped_points.py::test_points_vmapped_on_the_library_'
+                                'ops_equal_each_alone'])],
         test_figures, 0.25, (('JAX_DEFAULT_MATMUL_PRECISION', 'highest'),)),
     'train_default': Step(
         lambda out, smoke: [PYTHON, '-m', 'convnet.main', '--config',
@@ -156,8 +164,10 @@ STEPS = {
                             *(['--config.num_epochs=1', '--target=0.2', *SMOKE_DATA]
                               if smoke else [])],
         lambda out: read_json(os.path.join(out, 'time_to_accuracy.json')), 0.12),
-    'sweep': sweep_step('sweep', 0, 0.25),
-    'sweep_4_at_once': sweep_step('sweep_4_at_once', 4, 0.2),
+    'sweep': sweep_step('sweep', 0.25),
+    'sweep_4_at_once': sweep_step('sweep_4_at_once', 0.2, points_at_once=4),
+    'sweep_vmapped': sweep_step('sweep_vmapped', 0.1, experiment='learning_rate',
+                                smoke_workers=3),
 }
 
 

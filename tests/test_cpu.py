@@ -160,6 +160,22 @@ def test_dropout_masks_are_flax_dropouts(rate):
   assert dropout.Dropout(rate, deterministic=True).apply({}, x) is x
 
 
+@pytest.mark.parametrize('bits', [dropout.threefry_bits, dropout.random_bits])
+def test_a_traced_dropout_rate_drops_as_that_rate_does(bits):
+  """A vmapped sweep group's members each drop their own rate (traced): the same masks and
+  scale as the rate given as a number, for either backend's bits; a rate of 0 keeps all."""
+  x = jax.random.uniform(jax.random.key(1), (64, 300), minval=1.0, maxval=2.0)
+  rngs = {'dropout': jax.random.key(2)}
+  rates = jnp.array([0.0, 0.25, 0.5], jnp.float32)
+  traced = jax.jit(jax.vmap(lambda rate: dropout.Dropout(rate, bits=bits).apply(
+      {}, x, rngs=rngs)))(rates)
+  np.testing.assert_array_equal(traced[0], x)
+  for rate, ours in zip([0.25, 0.5], traced[1:]):
+    np.testing.assert_allclose(
+        ours, nn.Dropout(rate, deterministic=False).apply({}, x, rngs=rngs), rtol=1e-6)
+    assert abs(float(jnp.mean(ours == 0)) - rate) < 0.02
+
+
 @pytest.mark.parametrize('layout_name', layout.LAYOUTS)
 def test_conv2d_out_size_is_the_leading_corner_of_the_full_output(layout_name):
   x = jax.random.normal(jax.random.key(0), (3, 13, 12, 2))

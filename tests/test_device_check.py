@@ -36,6 +36,7 @@ def test_smoke_runs_every_step_and_writes_the_report(tmp_path):
     assert steps[name]['images_per_s'] > 0 and 'pytorch' in steps[name]['peers']
   assert steps['time_to_accuracy']['accuracy_by_epoch']
   assert steps['sweep']['points'] == steps['sweep_4_at_once']['points'] == 1  # Worker 0 of 20.
+  assert steps['sweep_vmapped']['points'] == 2  # Worker 0 of 3: points 1 and 4 of 6.
   assert '| sweep |' in done.stdout and done.stdout.strip().endswith('device_check.json')
 
 

@@ -380,3 +380,19 @@ def test_augment_moves_each_image_within_its_range(mnist, kind):
   np.testing.assert_array_equal(  # Keyed: the same key draws the same moves.
       input_pipeline.augment(jnp.asarray(images), jax.random.key(0), kind, 2), moved)
   assert input_pipeline.augment(images, jax.random.key(0), 'none', 2) is images
+
+
+def test_augment_with_traced_pixels_moves_as_those_pixels_do(mnist):
+  """Members of a vmapped sweep group move their images by their own data.augment_pixels
+  (traced) inside one padding (`pad`, the group's largest): the moves the member's own
+  pixels make alone, and no move at 0."""
+  images = jnp.asarray(mnist.train.images[:64])
+  key = jax.random.key(3)
+  moved = jax.jit(jax.vmap(lambda pixels: input_pipeline.augment(
+      images, key, 'crop_flip', pixels, pad=3)))(jnp.array([0, 1, 3]))
+  for pixels, ours in zip([1, 3], moved[1:]):
+    np.testing.assert_array_equal(ours, input_pipeline.augment(images, key, 'crop_flip', pixels))
+  flips = np.asarray(moved[0]) != np.asarray(images)
+  np.testing.assert_array_equal(  # Pixels 0: only the flips, as crop_flip with 0 pixels.
+      moved[0], input_pipeline.augment(images, key, 'crop_flip', 0))
+  assert flips.any()

@@ -69,7 +69,7 @@ def test_bfloat16_reaches_xla_as_bfloat16_convolutions_with_float32_state(smoke_
   _, _, state, data_keys, dropout_keys = train.init_run(spec, (28, 28, 1), 4)
   chunk = train.parallel_train_chunk(2, 4, 32, mnist.mean, mnist.std, devices)
   args = (state, *(parallel.replicate(x[:128], devices) for x in mnist.train),
-          train.epoch_permutations(data_keys, 0, 128), dropout_keys)
+          train.epoch_permutations(data_keys, 0, 128), dropout_keys, {})
   lowered = chunk.lower(*args)
   program = lowered.as_text().splitlines()
   convolutions = [line for line in program if 'stablehlo.convolution' in line]

@@ -139,8 +139,8 @@ def test_points_at_once_each_train_on_a_device_of_their_own_as_they_would_alone(
                         env={**os.environ,
                              'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert done.returncode == 0, done.stderr
-  assert '4 points, 4 for worker 0 of 1, 0 already done; 4 at once, each on one device of 4' in (
-      done.stdout)
+  assert ('4 points, 4 for worker 0 of 1, 0 already done; one program per point, 4 at once, '
+          'each on one device of 4') in done.stdout
   lines = done.stdout.splitlines()
   starts = [line for line in lines if line.startswith('== point ') and ' on ' in line]
   assert len(starts) == 4 and len({line.split(' on ')[1].split(': ')[0] for line in starts}) == 4
@@ -159,6 +159,45 @@ def test_points_at_once_each_train_on_a_device_of_their_own_as_they_would_alone(
     assert together['num_devices'] == alone['num_devices'] == 1
     for key in ('test_accuracy_per_seed', 'test_loss_per_seed'):
       np.testing.assert_allclose(together[key], alone[key], rtol=1e-6, err_msg=name)
+
+
+def test_points_of_one_program_train_vmapped_each_as_it_would_alone(tmp_path):
+  """4 points (2 seeds each) differing in learning rate and dropout, 2 per vmapped program,
+  2 programs at once on 4 fake devices: each point in its own workdir with the results of
+  that point trained alone on one device."""
+  experiment = tmp_path / 'rates.py'
+  experiment.write_text(EXPERIMENT.replace(
+      "sweep.values('model.filters', [4, 8]),\n                       "
+      "sweep.values('model.kernel_size', [3])",
+      "sweep.values('learning_rate', [1e-3, 2e-3]), sweep.values('model.dropout', [0.0, 0.25])"))
+  done = subprocess.run(sweep_command(experiment, tmp_path / 'sweep', '--points_at_once=2',
+                                      '--vmap_points=2'),
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env={**os.environ,
+                             'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert done.returncode == 0, done.stderr
+  assert ('4 points, 4 for worker 0 of 1, 0 already done; 4 points in 2 vmapped programs, 2 at '
+          'once, each on one device of 4') in done.stdout
+  lines = done.stdout.splitlines()
+  starts = [line for line in lines if line.startswith('== point ') and ', vmapped with 1 more: '
+            in line]
+  assert len(starts) == 4 and len({line.split(' on ')[1].split(',')[0] for line in starts}) == 2
+  assert sorted(line.split(']')[0] for line in lines if ' epoch 1/1: ' in line) == [
+      f'[point {i}' for i in range(1, 5)]  # Each point's epoch line, marked with the point.
+  spec = importlib.util.spec_from_file_location('rates', experiment)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for overrides in module.get_sweep()[::3]:
+    name = sweep.point_name(overrides)
+    config = sweep.apply_overrides(module.get_config(), overrides)
+    config.num_devices = 1
+    alone = train.train_and_evaluate(config, str(tmp_path / 'alone' / name))
+    together = workdir.read_json(tmp_path / 'sweep' / name / 'results.json')
+    assert together['vmapped_with'] == 1 and together['num_devices'] == 1
+    np.testing.assert_allclose(together['test_loss_per_seed'], alone['test_loss_per_seed'],
+                               rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(together['test_accuracy_per_seed'],
+                               alone['test_accuracy_per_seed'], atol=2e-3, err_msg=name)
 
 
 def test_every_point_is_checked_before_the_first_trains(smoke_config, tmp_path):

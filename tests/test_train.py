@@ -39,7 +39,7 @@ def run_epoch(config, mnist, devices, num_images=64, how='pmap', chunk_steps=Non
   perms = train.epoch_permutations(data_keys, 0, num_images)
   metrics = []
   for _ in range(steps // (chunk_steps or steps)):
-    state, chunk_metrics = chunk(state, images, labels, perms, dropout_keys)
+    state, chunk_metrics = chunk(state, images, labels, perms, dropout_keys, {})
     metrics.append(jax.device_get(chunk_metrics))  # Blocks on every chunk.
   metrics = jax.tree_util.tree_map(lambda *m: np.concatenate(m, axis=1), *metrics)
   return jax.tree_util.tree_map(lambda x: x[0], (state, metrics))

@@ -8,13 +8,12 @@ gradient, which reads each bit several times.
 """
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -45,20 +44,29 @@ def threefry_bits(key, shape: Sequence[int]):
   return bits.reshape(-1)[:size].reshape(shape)
 
 
+def random_bits(key, shape: Sequence[int]):
+  """jax.random.bits as uint32: the bits nn.Dropout's masks come from."""
+  return jax.random.bits(key, shape, jnp.uint32)
+
+
 class Dropout(nn.Module):
-  """nn.Dropout (same fields, same masks bit for bit) with its bits from threefry_bits."""
-  rate: float
+  """nn.Dropout (same fields, same masks bit for bit) with its bits from `bits`
+  (threefry_bits on the CPU kernels). `rate` may be traced: the members of a vmapped
+  sweep group each drop their own rate, and a rate of 0 then keeps every element."""
+  rate: Any
   deterministic: bool = False
+  bits: Callable = threefry_bits
 
   @nn.compact
   def __call__(self, x):
-    if self.deterministic or self.rate == 0.0:
+    static = isinstance(self.rate, (int, float))
+    if self.deterministic or (static and self.rate == 0.0):
       return x
-    if self.rate == 1.0:
+    if static and self.rate == 1.0:
       return jnp.zeros_like(x)
     keep_prob = 1.0 - self.rate
     # jax.random.bernoulli keeps an element when its uniform, (bits >> 9) * 2**-23, is
-    # below float32(keep_prob): the same as this integer comparison.
-    threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
-    keep = (threefry_bits(self.make_rng('dropout'), x.shape) >> 9) < threshold
-    return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+    # below float32(keep_prob): the same as this integer comparison (exact: a power of 2).
+    threshold = jnp.ceil(jnp.float32(keep_prob) * 2**23).astype(jnp.uint32)
+    keep = (self.bits(self.make_rng('dropout'), x.shape) >> 9) < threshold
+    return lax.select(keep, (x / keep_prob).astype(x.dtype), jnp.zeros_like(x))
