@@ -190,7 +190,7 @@ def plot_accuracy_vs_params(path: str, rows: list[dict]) -> None:
   ax.set_xlabel('parameters' + (f' (points labelled by {", ".join(keys[:-1])})'
                                 if len(keys) > 1 else ''))
   ax.set_ylabel('test accuracy % (mean ± std over seeds)')
-  if group_key:
+  if group_key and groups:  # No finished point: nothing to name.
     ax.legend(fontsize=8)
   ax.grid(True, alpha=0.3)
   fig.tight_layout()

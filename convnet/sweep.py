@@ -229,9 +229,10 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   so each point equals that point trained alone on one device), round-robin over the local
   devices: several per device when there are more at once than devices. 1 trains one at
   a time on the devices the config asks for. Default: default_points_at_once. A program
-  holds one point, or up to vmap_points (0: any number) that differ only in
-  train.VMAPPED_KEYS, vmapped (program_groups): on every backend, a 2-core CPU too, that
-  is faster than one program per point (docs/performance.md).
+  holds one point, or up to vmap_points that differ only in train.VMAPPED_KEYS, vmapped
+  (program_groups); 0: as many as share the points out over points_at_once programs.
+  On every backend, a 2-core CPU too, that is faster than one program per point
+  (docs/performance.md).
   The table rows are plain dicts (see report.collect), so a notebook needs no pandas.
   """
   import jax  # pylint: disable=import-outside-toplevel
@@ -257,7 +258,7 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
     todo = [i for i in share if not os.path.exists(
         os.path.join(sweep_dir, expanded[i][0], 'results.json'))]
     groups = program_groups([(i, len(expanded), *expanded[i]) for i in todo], sweep_dir,
-                            vmap_points)
+                            vmap_points or -(-len(todo) // points_at_once))
     programs = (f'{len(todo)} points in {len(groups)} vmapped programs'
                 if len(groups) < len(todo) else 'one program per point')
     at_once = (f'{points_at_once} at once, each on one device of {jax.local_device_count()}'
@@ -356,7 +357,8 @@ if __name__ == '__main__':
   VMAP_POINTS = flags.DEFINE_integer(
       'vmap_points', 0, 'Train up to this many points that differ only in keys that '
       f'change no shape ({", ".join(train.VMAPPED_KEYS)}) as one vmapped program, each in '
-      'its own workdir; 0 = all such points, 1 = one program per point.',
+      'its own workdir; 0 = as many as share the points out over --points_at_once '
+      'programs, 1 = one program per point.',
       lower_bound=0)
   COMPILATION_CACHE = flags.DEFINE_bool(
       'compilation_cache', True, 'Keep compiled programs in $CONVNET_CACHE (default '

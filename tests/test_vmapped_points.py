@@ -141,3 +141,18 @@ def test_points_vmapped_on_the_library_ops_equal_each_alone(tmp_path):
     assert together[i]['kernels'] == 'xla'
     alone = train.train_and_evaluate(config, str(tmp_path / f'alone{i}'))
     np.testing.assert_allclose(together[i]['test_loss'], alone['test_loss'], rtol=1e-4)
+
+
+def test_a_sweep_shares_its_points_out_over_the_programs_it_runs_at_once(tmp_path, monkeypatch):
+  """--vmap_points=0 (the default): as many points per program as share them out over
+  --points_at_once programs, so no device idles while one program holds them all."""
+  started = []
+  monkeypatch.setattr(sweep, 'train_points',
+                      lambda groups, sweep_dir, slots: started.append([len(g) for g in groups]))
+  points = sweep.product(sweep.values('learning_rate', [1e-3, 2e-3, 3e-3]),
+                         sweep.values('model.dropout', [0.0, 0.5]))
+  for at_once, vmap_points, sizes in [(2, 0, [3, 3]), (4, 0, [2, 2, 2]), (1, 0, [6]),
+                                      (1, 4, [4, 2]), (2, 1, [1] * 6)]:
+    sweep.run(point_config({}), points, str(tmp_path / f'{at_once}-{vmap_points}'),
+              points_at_once=at_once, vmap_points=vmap_points)
+    assert started.pop() == sizes, (at_once, vmap_points)
