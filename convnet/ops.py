@@ -23,7 +23,6 @@ import functools
 import sys
 from typing import Optional
 
-import flax.linen as nn
 import jax
 from jax import lax
 

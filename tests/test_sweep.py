@@ -129,15 +129,34 @@ def test_a_killed_sweep_reruns_only_the_missing_points_and_reports_them(tmp_path
   assert '2 points, 1 for worker 1 of 2, 1 already done' in task.stdout
 
 
+def sweep_on_4_devices(experiment, tmp_path, *flags) -> subprocess.CompletedProcess:
+  """The sweep of an experiment file into tmp_path/sweep, on 4 fake CPU devices."""
+  return subprocess.run(sweep_command(experiment, tmp_path / 'sweep', *flags), cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ,
+                             'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+
+
+def first_and_last_alone(experiment, tmp_path):
+  """(name, its results.json in the sweep, the point trained alone on one device) for the
+  first and last of an experiment's 4 points."""
+  spec = importlib.util.spec_from_file_location('experiment', experiment)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for overrides in module.get_sweep()[::3]:
+    name = sweep.point_name(overrides)
+    config = sweep.apply_overrides(module.get_config(), overrides)
+    config.num_devices = 1
+    alone = train.train_and_evaluate(config, str(tmp_path / 'alone' / name))
+    yield name, workdir.read_json(tmp_path / 'sweep' / name / 'results.json'), alone
+
+
 def test_points_at_once_each_train_on_a_device_of_their_own_as_they_would_alone(tmp_path):
   """4 points (2 seeds each) at once on 4 fake devices: each point on its own device, and
   its results those of the point trained alone on one device (num_devices=1)."""
   experiment = tmp_path / 'four.py'
   experiment.write_text(EXPERIMENT.replace("kernel_size', [3]", "kernel_size', [3, 5]"))
-  done = subprocess.run(sweep_command(experiment, tmp_path / 'sweep', '--points_at_once=4'),
-                        cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env={**os.environ,
-                             'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  done = sweep_on_4_devices(experiment, tmp_path, '--points_at_once=4')
   assert done.returncode == 0, done.stderr
   assert ('4 points, 4 for worker 0 of 1, 0 already done; one program per point, 4 at once, '
           'each on one device of 4') in done.stdout
@@ -147,15 +166,7 @@ def test_points_at_once_each_train_on_a_device_of_their_own_as_they_would_alone(
   # Per point: its start, its epoch line (marked with the point) and its result.
   assert len([line for line in lines if line.startswith('[point ')]) == 4
   assert len([line for line in lines if ' done: model.filters=' in line]) == 4
-  spec = importlib.util.spec_from_file_location('four', experiment)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  for overrides in module.get_sweep()[::3]:
-    name = sweep.point_name(overrides)
-    config = sweep.apply_overrides(module.get_config(), overrides)
-    config.num_devices = 1
-    alone = train.train_and_evaluate(config, str(tmp_path / 'alone' / name))
-    together = workdir.read_json(tmp_path / 'sweep' / name / 'results.json')
+  for name, together, alone in first_and_last_alone(experiment, tmp_path):
     assert together['num_devices'] == alone['num_devices'] == 1
     for key in ('test_accuracy_per_seed', 'test_loss_per_seed'):
       np.testing.assert_allclose(together[key], alone[key], rtol=1e-6, err_msg=name)
@@ -170,11 +181,7 @@ def test_points_of_one_program_train_vmapped_each_as_it_would_alone(tmp_path):
       "sweep.values('model.filters', [4, 8]),\n                       "
       "sweep.values('model.kernel_size', [3])",
       "sweep.values('learning_rate', [1e-3, 2e-3]), sweep.values('model.dropout', [0.0, 0.25])"))
-  done = subprocess.run(sweep_command(experiment, tmp_path / 'sweep', '--points_at_once=2',
-                                      '--vmap_points=2'),
-                        cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env={**os.environ,
-                             'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  done = sweep_on_4_devices(experiment, tmp_path, '--points_at_once=2', '--vmap_points=2')
   assert done.returncode == 0, done.stderr
   assert ('4 points, 4 for worker 0 of 1, 0 already done; 4 points in 2 vmapped programs, 2 at '
           'once, each on one device of 4') in done.stdout
@@ -184,15 +191,7 @@ def test_points_of_one_program_train_vmapped_each_as_it_would_alone(tmp_path):
   assert len(starts) == 4 and len({line.split(' on ')[1].split(',')[0] for line in starts}) == 2
   assert sorted(line.split(']')[0] for line in lines if ' epoch 1/1: ' in line) == [
       f'[point {i}' for i in range(1, 5)]  # Each point's epoch line, marked with the point.
-  spec = importlib.util.spec_from_file_location('rates', experiment)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  for overrides in module.get_sweep()[::3]:
-    name = sweep.point_name(overrides)
-    config = sweep.apply_overrides(module.get_config(), overrides)
-    config.num_devices = 1
-    alone = train.train_and_evaluate(config, str(tmp_path / 'alone' / name))
-    together = workdir.read_json(tmp_path / 'sweep' / name / 'results.json')
+  for name, together, alone in first_and_last_alone(experiment, tmp_path):
     assert together['vmapped_with'] == 1 and together['num_devices'] == 1
     np.testing.assert_allclose(together['test_loss_per_seed'], alone['test_loss_per_seed'],
                                rtol=1e-4, err_msg=name)
