@@ -10,7 +10,7 @@ import pytest
 
 from conftest import metrics_without_timings
 from configs import default
-from convnet import checkpoint, config_lib, sweep, train, workdir
+from convnet import checkpoint, config_lib, inference, sweep, train, workdir
 
 # Each differs from the first in train.VMAPPED_KEYS only: every one of them varies.
 POINTS = [
@@ -43,7 +43,7 @@ def trained(tmp_path_factory):
   return directory, together, alone
 
 
-def test_points_trained_together_equal_each_point_trained_alone(trained):
+def test_points_trained_together_equal_each_point_trained_alone(trained, mnist):
   directory, together, alone = trained
   for i, (mine, its) in enumerate(zip(together, alone)):
     assert mine['vmapped_with'] == 2 and 'vmapped_with' not in its
@@ -60,6 +60,11 @@ def test_points_trained_together_equal_each_point_trained_alone(trained):
     np.testing.assert_allclose([r.get('learning_rate', 0) for r in records],
                                [r.get('learning_rate', 0) for r in their_records], rtol=1e-6)
     assert sorted(os.listdir(run_dir / 'checkpoints')) == ['4', '8']
+    # What predict and visualize load: the point's own model, as the point alone gives it.
+    digits = mnist.test.images[:8]
+    np.testing.assert_allclose(
+        inference.Trained(str(run_dir)).apply(digits),
+        inference.Trained(str(directory / 'alone' / f'point{i}')).apply(digits), atol=1e-3)
   assert len({r['test_loss'] for r in together}) == 3  # Each its own values, not the first's.
 
 
