@@ -19,7 +19,9 @@ rerunning the command finishes a sweep. Worker K of N runs points K, K+N, K+2N, 
 (Slurm arrays, several Colab sessions) can split a sweep over a shared filesystem;
 a worker whose base config (command-line overrides included) or points differ from what
 the first recorded (base_config.json, sweep.json) is refused, and a point another
-worker is training is skipped (left pending in the table).
+worker is training is skipped (left pending in the table). Points that differ only in
+keys that change no shape (train.VMAPPED_KEYS) train vmapped in one program
+(program_groups), each still in its own workdir.
 """
 
 import concurrent.futures
@@ -350,9 +352,10 @@ if __name__ == '__main__':
   WORKER_INDEX = flags.DEFINE_integer('worker_index', None, 'Which worker this is, 0-based '
                                       '(default: the SLURM array task\'s index, else 0).')
   POINTS_AT_ONCE = flags.DEFINE_integer(
-      'points_at_once', None, 'Train this many points at once, each on one device '
-      '(num_devices=1), round-robin over the devices; 1 = one at a time, on the devices '
-      'the config asks for. Default: one per device on GPU and TPU, 2 on CPU.',
+      'points_at_once', None, 'Train this many programs (a point, or points vmapped '
+      'together: --vmap_points) at once, each on one device (num_devices=1), round-robin '
+      'over the devices; 1 = one at a time, on the devices the config asks for. Default: '
+      'one per device on GPU and TPU, 2 on CPU.',
       lower_bound=1)
   VMAP_POINTS = flags.DEFINE_integer(
       'vmap_points', 0, 'Train up to this many points that differ only in keys that '
