@@ -124,19 +124,23 @@ def test_cli_trains_the_library_ops_two_seeds_on_shifted_images_on_8_devices_and
 
 def test_a_rerun_loads_its_compiled_programs_from_the_cache_unless_told_not_to(tmp_path):
   def run(name, cache, *flags):
+    """The run's stderr, with JAX's compiler saying what it found in the cache."""
     done = subprocess.run(main_command(tmp_path / name, '--config.data.num_train=256', *flags),
                           cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'CONVNET_CACHE': str(cache)})
+                          env={**os.environ, 'CONVNET_CACHE': str(cache),
+                               'JAX_DEBUG_LOG_MODULES': 'jax._src.compiler'})
     assert done.returncode == 0, done.stderr
-    with open(tmp_path / name / 'results.json') as f:
-      return json.load(f)['compile_time_s']
+    return done.stderr
 
   run('uncached', tmp_path / 'unused', '--compilation_cache=false')
   assert not (tmp_path / 'unused').exists()
-  first = run('first', tmp_path / 'cache')
-  assert len(os.listdir(tmp_path / 'cache')) > 5  # The step, evaluation, init, ...
-  second = run('second', tmp_path / 'cache')
-  assert second < 0.6 * first  # What is left: tracing and lowering, and loading.
+  run('first', tmp_path / 'cache')
+  compiled = sorted(os.listdir(tmp_path / 'cache'))
+  assert len(compiled) > 5  # The step, evaluation, init, ...
+  hits = run('second', tmp_path / 'cache').count('Persistent compilation cache hit')
+  # Every program of the rerun was loaded from there, none compiled again (it would be
+  # stored under a key of its own). What that saves is the benchmark's to measure.
+  assert hits >= len(compiled) - 1 and sorted(os.listdir(tmp_path / 'cache')) == compiled
 
 
 def test_cli_bad_input_exits_nonzero_naming_the_problem(tmp_path):
