@@ -290,8 +290,12 @@ def pixel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(map(float, pixels.mean(axis=0))), tuple(map(float, pixels.std(axis=0)))
   means, stds = [], []
   values = np.arange(256) / 255.0
+  # bincount widens its input to int64: in chunks of ~1M pixels, that copy stays in cache.
+  rows = max(1, 2**20 // int(np.prod(images.shape[1:])))
   for c in range(images.shape[-1]):
-    counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+    counts = np.zeros(256)
+    for i in range(0, len(images), rows):
+      counts += np.bincount(images[i:i + rows, ..., c].ravel(), minlength=256)
     mean = counts @ values / counts.sum()
     means.append(float(mean))
     stds.append(float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum())))

@@ -1,5 +1,6 @@
 """Training: pmap equivalence, exact evaluation, learning on real MNIST, config errors."""
 
+import importlib
 import json
 import os
 
@@ -452,3 +453,22 @@ def test_group_norm_trains_and_allows_micro_batches(smoke_config, tmp_path):
   config.data.num_train, config.micro_batch_size = 1024, 16
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['test_accuracy'] > 0.6  # Chance is 0.1.
+
+
+@pytest.mark.parametrize('config_name', ['fast', 'keras_convnet'])
+def test_the_quickly_compiled_init_gives_the_bits_of_the_default_compile(config_name):
+  """create_train_states compiles at LLVM -O1 on CPU: the parameters and optimizer state
+  (BatchNorm, dropout, two seeds) are bit for bit those of XLA's default options."""
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  config.num_seeds = 2
+  spec = config_lib.read(config)
+  model = train.build_model(spec.model)
+  learning_rate_fn = optim.create_learning_rate_fn(spec, 10)
+  keys = train.seed_keys(spec.seed, spec.num_seeds)[0]
+  quick = train.create_train_states(keys, spec, model, (28, 28, 1), learning_rate_fn)
+  default_options = jax.jit(jax.vmap(lambda key: train.create_train_state(
+      key, spec, model, (28, 28, 1), learning_rate_fn)))(keys)
+  leaves = jax.tree_util.tree_leaves(quick)
+  assert len(leaves) == len(jax.tree_util.tree_leaves(default_options)) > 10
+  for a, b in zip(leaves, jax.tree_util.tree_leaves(default_options)):
+    np.testing.assert_array_equal(a, b)
