@@ -8,6 +8,7 @@ round trip per step; the host reads each chunk's metrics after starting the next
 (`Training`), so the devices never wait for it.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -399,6 +400,29 @@ def stop_requests(shared: list | None = None):
       signal.signal(sig, old)
 
 
+def done_at(tree) -> concurrent.futures.Future:
+  """The time tree's arrays are ready, taken by a thread of its own: a host that reads
+  results in order would see it late when other work ends first."""
+  future = concurrent.futures.Future()
+
+  def wait():
+    try:
+      jax.block_until_ready(tree)
+      future.set_result(time.time())
+    except Exception as e:  # pylint: disable=broad-except  # The host's own read raises it too.
+      future.set_exception(e)
+
+  threading.Thread(target=wait, daemon=True).start()
+  return future
+
+
+def chunk_seconds(started_at: float, earlier: list[float], ended: float) -> float:
+  """A chunk's time: from its start, or from the end of the work queued before it, to its
+  end. Earlier work that ended after it ran beside it (the CPU client may run a chunk
+  before the evaluation queued ahead of it) and does not count."""
+  return ended - max([started_at] + [t for t in earlier if t <= ended])
+
+
 def checkpoint_tree(state: TrainState, keys, times: dict) -> dict:
   """What a checkpoint holds: the train state, the RNG keys and the time spent so far."""
   return {'state': serialization.to_state_dict(state),
@@ -697,7 +721,8 @@ class Training:
     self.permute = jax.jit(epoch_permutations, static_argnums=2)
     self.compile_time = time.time() - start
     self.chunks, self.perms, self.shown_epoch = {}, None, None
-    self.epoch_metrics, self.epoch_time, self.ready_at = [], 0.0, 0.0
+    self.epoch_metrics, self.epoch_time = [], 0.0
+    self.dispatched = []  # When the work queued since the last chunk's start was done.
     self.profile = Profile(spec.profile_steps if self.writer else 0,
                            os.path.join(points[0].workdir, 'tensorboard'))
 
@@ -758,6 +783,7 @@ class Training:
       self.perms = jax.device_put(
           self.permute(self.data_keys, step // self.steps_per_epoch, len(self.data.train.labels)),
           parallel.replicated(self.local_devices))
+      self.dispatched.append(done_at(self.perms))
     end = chunk_end(step, self.steps_per_epoch, spec.log_every_steps)
     args = (self.state, self.arrays.train_images, self.arrays.train_labels, self.perms,
             self.dropout_keys, self.values)
@@ -765,14 +791,18 @@ class Training:
     self.profile.start()  # After the compile: the trace holds steps only.
     started_at = time.time()
     self.state, metrics = train_chunk(*args)
-    self.step = end
-    handlers = [(self.handle_chunk, (step, end, metrics, started_at))]
+    self.step, earlier, self.dispatched = end, self.dispatched, [done_at(metrics)]
+    handlers = [(self.handle_chunk, (step, end, metrics, started_at, earlier,
+                                     self.dispatched[0]))]
     if end % self.steps_per_epoch == 0:
-      handlers.append((self.handle_epoch_end, (end, self.evaluate(self.state, *self.arrays.test),
-                                               self.first_params())))
+      sums, params = self.evaluate(self.state, *self.arrays.test), self.first_params()
+      self.dispatched.append(done_at((sums, params)))
+      handlers.append((self.handle_epoch_end, (end, sums, params)))
     if end % self.steps_per_epoch == 0 or (spec.checkpoint_every_steps and
                                            end - self.saved >= spec.checkpoint_every_steps):
-      handlers.append((self.handle_checkpoint, (end, self.snapshot())))
+      snapshot = self.snapshot()
+      self.dispatched.append(done_at(snapshot))
+      handlers.append((self.handle_checkpoint, (end, snapshot)))
       self.saved = end
     return handlers
 
@@ -805,12 +835,13 @@ class Training:
     for handler, args in handlers:
       handler(*args)
 
-  def handle_chunk(self, step: int, end: int, metrics, started_at: float) -> None:
+  def handle_chunk(self, step: int, end: int, metrics, started_at: float,
+                   earlier: list[concurrent.futures.Future],
+                   finished: concurrent.futures.Future) -> None:
     """A chunk's metrics: checked for divergence, written to each point's metrics.jsonl."""
     spec = self.spec
     metrics = jax.device_get(metrics)  # [members, steps]. Waits for the chunk.
-    # It began when it was started or when the work before it ended, whichever is later.
-    chunk_time, self.ready_at = time.time() - max(started_at, self.ready_at), time.time()
+    chunk_time = chunk_seconds(started_at, [f.result() for f in earlier], finished.result())
     self.profile.ran(end - step, self.log)
     self.epoch_time += chunk_time
     epoch = step // self.steps_per_epoch
@@ -871,7 +902,6 @@ class Training:
     """Each point's test record of the state at `step` and its seed 0's confusion matrix,
     from evaluate's sums."""
     sums = jax.device_get(sums)
-    self.ready_at = time.time()
     for point in self.points:
       own = jax.tree_util.tree_map(lambda x: x[point.members], sums)
       record = {'step': step, 'epoch': step // self.steps_per_epoch,

@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import time
 
 import chex
 import jax
@@ -472,3 +473,50 @@ def test_the_quickly_compiled_init_gives_the_bits_of_the_default_compile(config_
   assert len(leaves) == len(jax.tree_util.tree_leaves(default_options)) > 10
   for a, b in zip(leaves, jax.tree_util.tree_leaves(default_options)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_chunk_seconds_counts_from_the_last_earlier_work_that_ended_before_the_chunk():
+  assert train.chunk_seconds(started_at=1.0, earlier=[], ended=3.0) == 2.0
+  assert train.chunk_seconds(started_at=1.0, earlier=[2.0, 0.5], ended=3.0) == 1.0
+  # An evaluation queued before the chunk but ending after it ran beside it.
+  assert train.chunk_seconds(started_at=1.0, earlier=[1.5, 9.0], ended=3.0) == 1.5
+
+
+def with_sleep(make, seconds: float):
+  """A parallel_train_chunk / parallel_evaluate whose program sleeps `seconds` on the
+  device (a host callback on its loss), then returns."""
+  def made(*args, **kwargs):
+    fn = make(*args, **kwargs)
+
+    def sleep(loss):
+      time.sleep(seconds)
+      return loss
+
+    def slow(*inputs):
+      out = fn(*inputs)
+      sums = out[-1] if isinstance(out, tuple) else out
+      sums = dict(sums, loss=jax.pure_callback(
+          sleep, jax.ShapeDtypeStruct(sums['loss'].shape, sums['loss'].dtype), sums['loss']))
+      return (*out[:-1], sums) if isinstance(out, tuple) else sums
+    return jax.jit(slow)
+  return made
+
+
+def test_a_chunk_beside_a_slow_evaluation_is_timed_by_its_own_steps(smoke_config, tmp_path,
+                                                                    monkeypatch):
+  """Each epoch's chunk sleeps 0.5 s on the device and each evaluation 2 s. The CPU client
+  runs epoch 2's chunk beside epoch 1's evaluation, which the host reads first: each
+  epoch still reports at least its chunk's 0.5 s and none of the evaluation's 2 s (it
+  reported ~0 s when timed from the host's reads)."""
+  monkeypatch.setattr(train, 'parallel_train_chunk',
+                      with_sleep(train.parallel_train_chunk, 0.5))
+  monkeypatch.setattr(train, 'parallel_evaluate', with_sleep(train.parallel_evaluate, 2.0))
+  smoke_config.num_epochs, smoke_config.log_every_steps = 2, 0
+  results = train.train_and_evaluate(smoke_config, str(tmp_path))
+  records = [r for r in workdir.read_jsonl(tmp_path / 'metrics.jsonl') if 'images_per_s' in r]
+  assert len(records) == 2
+  for record in records:
+    images = record['step'] // record['epoch'] * smoke_config.batch_size * smoke_config.num_seeds
+    seconds = images / record['images_per_s']
+    assert 0.5 <= seconds < 2.0, record
+  assert 1.0 <= results['train_time_s'] < 4.0
