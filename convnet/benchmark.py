@@ -235,28 +235,31 @@ def provenance(config_file: str, config) -> dict:
           'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M')}
 
 
-TABLE_HEADER = ('| config | run (UTC) | CPU | commit | kernels | devices | convnet train '
+TABLE_HEADER = ('| config | run (UTC) | commit | kernels | devices | convnet train '
                 'images/s, median (min-max) | tf.keras | PyTorch | convnet / tf.keras | '
-                'convnet / PyTorch | % of matmul peak | eval images/s |\n' + '|---' * 13 + '|')
+                'convnet / PyTorch | % of matmul peak | eval images/s |\n' + '|---' * 12 + '|')
 
 
 def markdown_table(paths: list[str]) -> str:
-  """The table of benchmark JSON files (`--json`), one row each, in the order given."""
-  rows = [TABLE_HEADER]
-  for path in paths:
-    r = workdir.read_json(path)
-    rates, peers_ = r['train_images_per_s'], r['peers']
-    peer = lambda name, key: (f'{peers_[name][key]:,.{2 if key == "convnet_ratio" else 0}f}'
-                              if key in peers_.get(name, {}) else '')
-    rows.append(
-        f'| `{r["config"]}` | {r["date_utc"]} | {r["machine"]["cpu"]} | {r["commit"]} | '
-        f'{r["ops"]} | '
-        f'{r["num_devices"]} | **{rates["median"]:,.0f}** ({rates["min"]:,.0f}-'
-        f'{rates["max"]:,.0f}) | {peer("tf.keras", "median")} | {peer("pytorch", "median")} | '
-        f'{peer("tf.keras", "convnet_ratio")} | {peer("pytorch", "convnet_ratio")} | '
-        f'{r["percent_of_matmul_peak"]:.0f}% of {r["matmul_peak_gflops"]:.0f} GFLOP/s | '
-        f'{r["eval_images_per_s"]:,.0f} |')
-  return '\n'.join(rows)
+  """One table per CPU (lscpu's model name: speeds compare only on one) of benchmark JSON
+  files (`--json`), a row each, in the order given."""
+  runs = [workdir.read_json(path) for path in paths]
+  tables = []
+  for cpu in dict.fromkeys(r['machine']['cpu'] for r in runs):
+    rows = [f'**{cpu}**', '', TABLE_HEADER]
+    for r in (r for r in runs if r['machine']['cpu'] == cpu):
+      rates, peers_ = r['train_images_per_s'], r['peers']
+      peer = lambda name, key: (f'{peers_[name][key]:,.{2 if key == "convnet_ratio" else 0}f}'
+                                if key in peers_.get(name, {}) else '')
+      rows.append(
+          f'| `{r["config"]}` | {r["date_utc"]} | {r["commit"]} | {r["ops"]} | '
+          f'{r["num_devices"]} | **{rates["median"]:,.0f}** ({rates["min"]:,.0f}-'
+          f'{rates["max"]:,.0f}) | {peer("tf.keras", "median")} | {peer("pytorch", "median")} | '
+          f'{peer("tf.keras", "convnet_ratio")} | {peer("pytorch", "convnet_ratio")} | '
+          f'{r["percent_of_matmul_peak"]:.0f}% of {r["matmul_peak_gflops"]:.0f} GFLOP/s | '
+          f'{r["eval_images_per_s"]:,.0f} |')
+    tables.append('\n'.join(rows))
+  return '\n\n'.join(tables)
 
 
 def timed_run(config, run_dir: str) -> dict:

@@ -52,8 +52,9 @@ def test_benchmark_smoke_mode_writes_its_json_with_every_field(tmp_path):
   # The table mode prints it as one row under the header.
   table = run_benchmark('--mode=table', f'--table_from={tmp_path}', timeout=120)
   assert table.returncode == 0, table.stderr
-  header, rule, row = table.stdout.strip().splitlines()
-  assert row == benchmark.markdown_table([str(out)]).splitlines()[2]
+  cpu, _, header, rule, row = table.stdout.strip().splitlines()
+  assert cpu == f'**{result["machine"]["cpu"]}**'  # One table per CPU.
+  assert row == benchmark.markdown_table([str(out)]).splitlines()[4]
   assert row.startswith('| `configs/default.py:smoke` |') and '| cpu | 2 |' in row
 
 
