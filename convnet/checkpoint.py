@@ -91,6 +91,14 @@ def manager(workdir: str, keep: int, read_only: bool = False) -> Manager:
   return Manager(directory, options=options)
 
 
+def latest_step(workdir: str) -> int:
+  """The step of workdir's latest checkpoint (0: none), from the names of its step
+  directories: read-only, as opening a manager would create the directory."""
+  directory = os.path.join(workdir, SUBDIR)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return max((int(n) for n in names if n.isdigit()), default=0)
+
+
 def file_sums(path: str) -> dict[str, str]:
   """{path relative to `path`: sha256} of every file under it but the sums file itself."""
   sums = {}

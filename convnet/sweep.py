@@ -32,7 +32,9 @@ import os
 import queue
 import sys
 import threading
+from typing import NamedTuple
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -94,35 +96,44 @@ def apply_overrides(base, overrides: dict):
   return config
 
 
-def expand(base, points: list[dict], available_devices: int) -> list[tuple[str, object]]:
-  """[(name, config)] for every point, each validated: errors name the point and the key."""
+class Point(NamedTuple):
+  """A sweep point: its place among the sweep's points, its directory's name, its config
+  and that config read (once) into a Spec."""
+  index: int
+  count: int
+  name: str
+  config: ml_collections.ConfigDict
+  spec: config_lib.Spec
+
+
+def expand(base, points: list[dict], available_devices: int) -> list[Point]:
+  """Every point, each validated: errors name the point and the key."""
   expanded = []
-  for overrides in points:
+  for index, overrides in enumerate(points):
     name = point_name(overrides)
     config = apply_overrides(base, overrides)
     try:
-      config_lib.validate(config, available_devices)
+      spec = config_lib.validate(config, available_devices)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f'sweep point {name}: {e}') from e
-    expanded.append((name, config))
-  names = [name for name, _ in expanded]
+    expanded.append(Point(index, len(points), name, config, spec))
+  names = [point.name for point in expanded]
   if len(set(names)) != len(names):
     raise config_lib.ConfigError(f'sweep has repeated points: {names}')
   return expanded
 
 
-def check_points(expanded: list[tuple[str, object]], sweep_dir: str) -> None:
+def check_points(expanded: list[Point], sweep_dir: str) -> None:
   """Before any point trains: each point's directory is one safe name inside sweep_dir,
   its model fits its data, and a finished point was trained with this config and data
   (else its row would mix into the table as if it were)."""
   datasets = {}
-  for name, config in expanded:
+  for _, _, name, _, spec in expanded:
     if (name != os.path.basename(name) or name.startswith('.') or '\0' in name
         or len(name.encode()) > 255):
       raise config_lib.ConfigError(
           f'sweep point {name[:100]!r}: its directory name must be one path component (no '
           f'"/", not starting with ".") of at most 255 bytes; shorten or change its values')
-    spec = config_lib.read(config)  # Validated by expand.
     data_key = (spec.data.source, spec.data.dir, spec.data.name, spec.data.num_train,
                 spec.model.num_classes)
     if data_key not in datasets:
@@ -199,27 +210,19 @@ def default_points_at_once() -> int:
   return 2 if jax.default_backend() == 'cpu' else jax.local_device_count()
 
 
-def saved_step(point_dir: str) -> int:
-  """The step of a point's latest checkpoint (0: none): points vmapped together resume
-  from the same step."""
-  directory = os.path.join(point_dir, checkpoint.SUBDIR)
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  return max((int(n) for n in names if n.isdigit()), default=0)
-
-
-def program_groups(todo: list[tuple[int, int, str, object]], sweep_dir: str,
-                   vmap_points: int) -> list[list[tuple[int, int, str, object]]]:
+def program_groups(todo: list[Point], sweep_dir: str, vmap_points: int) -> list[list[Point]]:
   """The points in groups that train as one vmapped program (train.train_together): those
   whose configs differ only in train.VMAPPED_KEYS and that resume from the same step, at
   most vmap_points (0: no limit) per group, in the sweep's order."""
   groups: dict = {}
   for point in todo:
-    key = json.dumps([train.program_key(config_lib.read(point[3])),
-                      saved_step(os.path.join(sweep_dir, point[2]))], sort_keys=True, default=str)
+    key = json.dumps([train.program_key(point.spec),
+                      checkpoint.latest_step(os.path.join(sweep_dir, point.name))],
+                     sort_keys=True, default=str)
     if key not in groups or len(groups[key][-1]) == (vmap_points or len(todo)):
       groups.setdefault(key, []).append([])
     groups[key][-1].append(point)
-  return sorted((g for gs in groups.values() for g in gs), key=lambda g: g[0][0])
+  return sorted((g for gs in groups.values() for g in gs), key=lambda g: g[0].index)
 
 
 def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
@@ -252,14 +255,14 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   os.makedirs(sweep_dir, exist_ok=True)
   with workdir.locked(sweep_dir, wait=True):  # Workers starting together take turns here.
     record_sweep(sweep_dir, given, [{'name': name, 'overrides': overrides}
-                                    for (name, _), overrides in zip(expanded, points)])
+                                    for (_, _, name, _, _), overrides in zip(expanded, points)])
   # Workers share the directory, each its own points; the same worker twice is refused.
   worker_dir = os.path.join(sweep_dir, '.workers', str(worker_index))
   os.makedirs(worker_dir, exist_ok=True)
   with workdir.locked(worker_dir):
-    todo = [i for i in share if not os.path.exists(
-        os.path.join(sweep_dir, expanded[i][0], 'results.json'))]
-    groups = program_groups([(i, len(expanded), *expanded[i]) for i in todo], sweep_dir,
+    todo = [expanded[i] for i in share if not os.path.exists(
+        os.path.join(sweep_dir, expanded[i].name, 'results.json'))]
+    groups = program_groups(todo, sweep_dir,
                             vmap_points or -(-len(todo) // points_at_once))
     programs = (f'{len(todo)} points in {len(groups)} vmapped programs'
                 if len(groups) < len(todo) else 'one program per point')
@@ -274,9 +277,8 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   return rows
 
 
-def train_points(groups: list[list[tuple[int, int, str, object]]], sweep_dir: str,
-                 slots: list) -> None:
-  """Trains the groups of (index, count, name, config) points (program_groups) in threads,
+def train_points(groups: list[list[Point]], sweep_dir: str, slots: list) -> None:
+  """Trains the groups of points (program_groups) in threads,
   one per slot (the devices a group trains on, or None for its config's own) at a time.
   After a group fails, no new one starts, and the first error is raised once the running
   ones end; SIGTERM/SIGINT stops every running group at its next checkpoint
@@ -290,19 +292,19 @@ def train_points(groups: list[list[tuple[int, int, str, object]]], sweep_dir: st
     if failed.is_set():
       return
     devices = free.get()
-    numbers = [f'{index + 1}' for index, _, _, _ in group]
-    count = group[0][1]
+    numbers = [f'{point.index + 1}' for point in group]
+    count = group[0].count
     try:
       where = f' on {devices[0]}' if devices else ''
-      for index, _, name, _ in group:
+      for index, _, name, _, _ in group:
         together = f', vmapped with {len(group) - 1} more' if len(group) > 1 else ''
         metric_writer.print_line(f'== point {index + 1} of {count}{where}{together}: {name}')
       with metric_writer.line_prefix(f'[point {"+".join(numbers)}] '):
         results = train.train_together(
-            [(config, os.path.join(sweep_dir, name)) for _, _, name, config in group],
+            [(point.config, os.path.join(sweep_dir, point.name)) for point in group],
             devices=devices, stop_requested=stop_requested,
             prefixes=[f'[point {number}] ' for number in numbers])
-      for (index, _, name, _), result in zip(group, results):
+      for (index, _, name, _, _), result in zip(group, results):
         metric_writer.print_line(f'== point {index + 1} of {count} done: {name}: '
                                  + train.summary_line(result))
     except workdir.LockedError as e:  # Another worker's share overlaps this one's.

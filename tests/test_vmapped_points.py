@@ -110,14 +110,15 @@ def test_only_points_of_one_program_train_together(tmp_path):
                                                    r'model.filters: \(32,\) -> \(8,\)'):
     train.train_together(runs)
   assert not os.listdir(tmp_path)
-  todo = [(i, 4, f'p{i}', point_config(p)) for i, p in enumerate(POINTS + [{}])]
-  todo[3][3].model.filters = (8,)
-  assert [[p[0] for p in g] for g in sweep.program_groups(todo, str(tmp_path), 0)] == [
+  configs = [point_config(p) for p in POINTS + [{}]]
+  configs[3].model.filters = (8,)
+  todo = [sweep.Point(i, 4, f'p{i}', c, config_lib.read(c)) for i, c in enumerate(configs)]
+  assert [[p.index for p in g] for g in sweep.program_groups(todo, str(tmp_path), 0)] == [
       [0, 1, 2], [3]]
-  assert [[p[0] for p in g] for g in sweep.program_groups(todo, str(tmp_path), 2)] == [
+  assert [[p.index for p in g] for g in sweep.program_groups(todo, str(tmp_path), 2)] == [
       [0, 1], [2], [3]]
   os.makedirs(tmp_path / 'p1' / 'checkpoints' / '4')
-  assert [[p[0] for p in g] for g in sweep.program_groups(todo, str(tmp_path), 0)] == [
+  assert [[p.index for p in g] for g in sweep.program_groups(todo, str(tmp_path), 0)] == [
       [0, 2], [1], [3]]
 
 
