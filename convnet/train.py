@@ -210,9 +210,9 @@ def member_state(spec: config_lib.Spec, steps_per_epoch: int) -> Callable:
     if not values:
       return state
     member = config_lib.replace(spec, {k: v for k, v in values.items() if k != 'learning_rate'})
-    learning_rate_fn = optim.create_learning_rate_fn(member, steps_per_epoch)
-    if 'learning_rate' in values:
-      learning_rate_fn = values['learning_rate'].__getitem__  # Its value at each step.
+    # A varying learning rate comes as the member's schedule: its value at each step.
+    learning_rate_fn = (values['learning_rate'].__getitem__ if 'learning_rate' in values
+                        else optim.create_learning_rate_fn(member, steps_per_epoch))
     return state.replace(tx=optim.create_optimizer(member, learning_rate_fn),
                          apply_fn=build_model(member.model).apply)
 
