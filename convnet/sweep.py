@@ -128,7 +128,8 @@ def check_points(expanded: list[Point], sweep_dir: str) -> None:
   its model fits its data, and a finished point was trained with this config and data
   (else its row would mix into the table as if it were)."""
   datasets = {}
-  for _, _, name, _, spec in expanded:
+  for point in expanded:
+    name, spec = point.name, point.spec
     if (name != os.path.basename(name) or name.startswith('.') or '\0' in name
         or len(name.encode()) > 255):
       raise config_lib.ConfigError(
@@ -254,16 +255,15 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
   check_points(expanded, sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
   with workdir.locked(sweep_dir, wait=True):  # Workers starting together take turns here.
-    record_sweep(sweep_dir, given, [{'name': name, 'overrides': overrides}
-                                    for (_, _, name, _, _), overrides in zip(expanded, points)])
+    record_sweep(sweep_dir, given, [{'name': point.name, 'overrides': overrides}
+                                    for point, overrides in zip(expanded, points)])
   # Workers share the directory, each its own points; the same worker twice is refused.
   worker_dir = os.path.join(sweep_dir, '.workers', str(worker_index))
   os.makedirs(worker_dir, exist_ok=True)
   with workdir.locked(worker_dir):
     todo = [expanded[i] for i in share if not os.path.exists(
         os.path.join(sweep_dir, expanded[i].name, 'results.json'))]
-    groups = program_groups(todo, sweep_dir,
-                            vmap_points or -(-len(todo) // points_at_once))
+    groups = program_groups(todo, sweep_dir, vmap_points or -(-len(todo) // points_at_once))
     programs = (f'{len(todo)} points in {len(groups)} vmapped programs'
                 if len(groups) < len(todo) else 'one program per point')
     at_once = (f'{points_at_once} at once, each on one device of {jax.local_device_count()}'
@@ -278,8 +278,8 @@ def run(base, points: list[dict], sweep_dir: str, num_workers: int = 1,
 
 
 def train_points(groups: list[list[Point]], sweep_dir: str, slots: list) -> None:
-  """Trains the groups of points (program_groups) in threads,
-  one per slot (the devices a group trains on, or None for its config's own) at a time.
+  """Trains the groups of points (program_groups) in threads, one per slot (the devices a
+  group trains on, or None for its config's own) at a time.
   After a group fails, no new one starts, and the first error is raised once the running
   ones end; SIGTERM/SIGINT stops every running group at its next checkpoint
   (train.Interrupted)."""
@@ -296,16 +296,17 @@ def train_points(groups: list[list[Point]], sweep_dir: str, slots: list) -> None
     count = group[0].count
     try:
       where = f' on {devices[0]}' if devices else ''
-      for index, _, name, _, _ in group:
-        together = f', vmapped with {len(group) - 1} more' if len(group) > 1 else ''
-        metric_writer.print_line(f'== point {index + 1} of {count}{where}{together}: {name}')
+      together = f', vmapped with {len(group) - 1} more' if len(group) > 1 else ''
+      for point in group:
+        metric_writer.print_line(
+            f'== point {point.index + 1} of {count}{where}{together}: {point.name}')
       with metric_writer.line_prefix(f'[point {"+".join(numbers)}] '):
         results = train.train_together(
             [(point.config, os.path.join(sweep_dir, point.name)) for point in group],
             devices=devices, stop_requested=stop_requested,
             prefixes=[f'[point {number}] ' for number in numbers])
-      for (index, _, name, _, _), result in zip(group, results):
-        metric_writer.print_line(f'== point {index + 1} of {count} done: {name}: '
+      for point, result in zip(group, results):
+        metric_writer.print_line(f'== point {point.index + 1} of {count} done: {point.name}: '
                                  + train.summary_line(result))
     except workdir.LockedError as e:  # Another worker's share overlaps this one's.
       metric_writer.print_line(f'== point {"+".join(numbers)} of {count} skipped: {e}')
