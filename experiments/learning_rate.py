@@ -2,9 +2,10 @@
 
     python -m convnet.sweep --config experiments/learning_rate.py --workdir runs/lr
 
-The six points differ only in keys that change no shape (train.VMAPPED_KEYS), so on a
-GPU or TPU they train as one vmapped program (`--vmap_points`, default there: all),
-each writing its own workdir as it would alone.
+The six points differ only in keys that change no shape (train.VMAPPED_KEYS), so they
+train vmapped, several points to a program (`--vmap_points`; by default the points are
+shared out over the programs that run at once: all six in one on a single GPU, two
+programs of three on a CPU), each writing its own workdir as it would alone.
 """
 
 from configs import default
