@@ -75,8 +75,12 @@ def _cell(key: str, value) -> str:
     return f'{100 * value:.2f}'
   if key == 'flops_per_image':
     return f'{value / 1e6:.1f}M'
-  if isinstance(value, float):
-    return f'{value:.4f}' if key == 'test_loss' else f'{value:,.0f}'
+  if key == 'test_loss':
+    return f'{value:.4f}'
+  if key in ('train_images_per_s', 'wall_time_s'):
+    return f'{value:,.0f}'
+  if isinstance(value, float):  # A swept value as given: a learning rate of 3e-4 is not 0.
+    return f'{value:g}'
   if isinstance(value, (list, tuple)):
     return '-'.join(str(v) for v in value)
   return f'{value:,}' if isinstance(value, int) else str(value)

@@ -254,6 +254,20 @@ def test_report_pools_seed_points_and_marks_pending_ones(tmp_path):
   assert '| 80.00 | 1 |' in report.markdown_table([one_seed])  # Not '± 0.00'.
 
 
+def test_report_shows_swept_floats_as_given(tmp_path):
+  """A learning rate of 3e-4 and a dropout of 0.25 stay what they are in the table, the
+  CSV and the plots' labels, while the measured columns are rounded."""
+  row = {'learning_rate': 3e-4, 'model.dropout': 0.25, 'model.filters': (8, 16),
+         'test_accuracy': 0.9, 'test_accuracy_std': 0.01, 'num_seeds': 2, 'test_loss': 0.12345,
+         'num_params': 1234, 'flops_per_image': 2.5e6, 'train_images_per_s': 1234.5,
+         'wall_time_s': 12.34, 'status': 'done', 'names': ['p']}
+  assert report.markdown_table([row]).splitlines()[2] == (
+      '| 0.0003 | 0.25 | 8-16 | 90.00 ± 1.00 | 2 | 0.1235 | 1,234 | 2.5M | 1,234 | 12 | done |')
+  report.write_csv(str(tmp_path / 'results.csv'), [row])
+  assert (tmp_path / 'results.csv').read_text().splitlines()[1].startswith('0.0003,0.25,8-16,')
+  assert report._label(row) == 'learning_rate=0.0003, dropout=0.25, filters=8-16'
+
+
 def test_sweep_workers_with_different_overrides_are_refused_before_training(smoke_config,
                                                                            tmp_path):
   """Worker 0 recorded the sweep with num_epochs=1 (as when started together); worker 1
