@@ -566,7 +566,7 @@ class Point:
   out: metric_writer.MetricWriter
   members: slice
   prefix: str | None  # Its lines' (a sweep's point), else the thread's.
-  learning_rate_fn: optax.Schedule  # Jitted: op by op, each record compiles ~12 programs.
+  learning_rate_fn: optax.Schedule  # Jitted: op by op, each of its ops compiles a program.
   train_time: float = 0.0  # Including the time spent before a resume.
   earlier_wall_time: float = 0.0  # Spent before a resume.
   test: dict | None = None  # The last test record, and seed 0's confusion matrix.

@@ -3,8 +3,8 @@
     python -m convnet.sweep --config experiments/depth.py --workdir runs/depth
 
 Feature maps go 28 -> 14 -> 7 -> 3; the dense layer shrinks as blocks are added.
-Measured here (3 epochs, seeds 0 and 1): 98.16%, 99.00% and 99.25% test accuracy for
-1, 2 and 3 blocks (docs/ablations.md).
+Expected: each block adds accuracy, from ~98.2% for one to ~99.2% for three
+(measured figures and times: docs/ablations.md).
 """
 
 from configs import default
