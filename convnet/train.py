@@ -129,10 +129,22 @@ def eval_step(state: TrainState, batch):
               batch['label'], predictions].add(mask.astype(jnp.int32))}
 
 
-@functools.partial(jax.jit, static_argnums=1)  # One program, not one per op.
+def quick_options() -> dict | None:
+  """XLA options for a program a run compiles for one call or one an epoch (its keys, its
+  initial state, an epoch's data order): on CPU, LLVM's -O1 compiles it several times
+  faster than the default -O3, to the same bits (tested; -O0 changes them)."""
+  return {'xla_backend_optimization_level': 1} if jax.default_backend() == 'cpu' else None
+
+
 def seed_keys(seeds, num_seeds: int):
   """(init, data, dropout) keys, each with a leading axis of num_seeds per entry of `seeds`
   (an int, or a vmapped group's points' seeds): seed s's i-th is seed s + i."""
+  # One program, not one per op.
+  return jax.jit(_seed_keys, static_argnums=1, compiler_options=quick_options())(seeds,
+                                                                                num_seeds)
+
+
+def _seed_keys(seeds, num_seeds: int):
   members = (jnp.reshape(jnp.asarray(seeds), (-1, 1)) + jnp.arange(num_seeds)).ravel()
   keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 3))(members)
   return keys[:, 0], keys[:, 1], keys[:, 2]
@@ -143,13 +155,11 @@ def create_train_states(init_keys: jax.Array, spec: config_lib.Spec, model: mode
   """One TrainState per init key, stacked along a leading seed axis.
 
   Compiled as one program: run op by op, model.init compiles ~140 tiny programs. It is
-  random bits only (the forward pass is dead code), and runs once: on CPU, LLVM's -O1
-  compiles it several times faster than the default -O3, to the same bits (tested).
+  random bits only (the forward pass is dead code), and runs once (quick_options).
   """
-  quick = {'xla_backend_optimization_level': 1} if jax.default_backend() == 'cpu' else None
   return jax.jit(jax.vmap(lambda key: create_train_state(key, spec, model, image_shape,
                                                          learning_rate_fn)),
-                 compiler_options=quick)(init_keys)
+                 compiler_options=quick_options())(init_keys)
 
 
 # Each a single program: run op by op, every leaf's shape compiles its own.
@@ -718,7 +728,8 @@ class Training:
     self.evaluate = parallel.compile_now(
         parallel_evaluate(data.mean, data.std, devices, spec.parallel), self.state,
         *arrays.test)
-    self.permute = jax.jit(epoch_permutations, static_argnums=2)
+    self.permute = jax.jit(epoch_permutations, static_argnums=2,
+                           compiler_options=quick_options())
     self.compile_time = time.time() - start
     self.chunks, self.perms, self.shown_epoch = {}, None, None
     self.epoch_metrics, self.epoch_time = [], 0.0

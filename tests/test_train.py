@@ -457,22 +457,31 @@ def test_group_norm_trains_and_allows_micro_batches(smoke_config, tmp_path):
 
 
 @pytest.mark.parametrize('config_name', ['fast', 'keras_convnet'])
-def test_the_quickly_compiled_init_gives_the_bits_of_the_default_compile(config_name):
-  """create_train_states compiles at LLVM -O1 on CPU: the parameters and optimizer state
-  (BatchNorm, dropout, two seeds) are bit for bit those of XLA's default options."""
+def test_the_quickly_compiled_programs_give_the_bits_of_the_default_compile(config_name):
+  """The keys, the initial state and an epoch's data order compile at LLVM -O1 on CPU
+  (quick_options): the parameters and optimizer state (BatchNorm, dropout, two seeds),
+  keys and permutations are bit for bit those of XLA's default options."""
+  assert train.quick_options() == {'xla_backend_optimization_level': 1}
   config = importlib.import_module(f'configs.{config_name}').get_config()
   config.num_seeds = 2
   spec = config_lib.read(config)
   model = train.build_model(spec.model)
   learning_rate_fn = optim.create_learning_rate_fn(spec, 10)
-  keys = train.seed_keys(spec.seed, spec.num_seeds)[0]
-  quick = train.create_train_states(keys, spec, model, (28, 28, 1), learning_rate_fn)
-  default_options = jax.jit(jax.vmap(lambda key: train.create_train_state(
-      key, spec, model, (28, 28, 1), learning_rate_fn)))(keys)
+  keys = train.seed_keys(spec.seed, spec.num_seeds)
+  default_keys = jax.jit(train._seed_keys, static_argnums=1)(spec.seed, spec.num_seeds)
+  quick = (train.create_train_states(keys[0], spec, model, (28, 28, 1), learning_rate_fn),
+           jax.jit(train.epoch_permutations, static_argnums=2,
+                   compiler_options=train.quick_options())(keys[1], 3, 60000))
+  default_options = (
+      jax.jit(jax.vmap(lambda key: train.create_train_state(
+          key, spec, model, (28, 28, 1), learning_rate_fn)))(default_keys[0]),
+      jax.jit(train.epoch_permutations, static_argnums=2)(default_keys[1], 3, 60000))
   leaves = jax.tree_util.tree_leaves(quick)
   assert len(leaves) == len(jax.tree_util.tree_leaves(default_options)) > 10
   for a, b in zip(leaves, jax.tree_util.tree_leaves(default_options)):
     np.testing.assert_array_equal(a, b)
+  for a, b in zip(keys, default_keys):
+    np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
 
 
 def test_chunk_seconds_counts_from_the_last_earlier_work_that_ended_before_the_chunk():
