@@ -18,7 +18,8 @@ machine; convnet/peer is the median of the rounds' ratios.
 `time_to_accuracy`: trains the config once and reports the wall time from the start
 (compile included) to the first epoch whose test accuracy reaches --target, split into
 start-up, compile, training, and the rest (data, initialisation, evaluation,
-checkpoints). The compilation cache is not used: the compile is always timed afresh.
+checkpoints). The compilation cache is not used (the compile is timed afresh) unless
+--compilation_cache says so: then, as convnet.main does, a second run times a rerun.
 
 `table`: prints the markdown table of the benchmark JSON files in --table_from (the
 current table of docs/performance.md is this command's output).
@@ -338,13 +339,17 @@ def main(argv):
     return
   try:
     if MODE.value == 'time_to_accuracy':
-      result = time_to_accuracy(CONFIG.value, TARGET.value)
+      cache = parallel.compilation_cache_dir() if COMPILATION_CACHE.value else ''
+      if cache:
+        parallel.use_compilation_cache(cache)
+      result = {**time_to_accuracy(CONFIG.value, TARGET.value), 'compilation_cache': cache}
       print(f'{100 * TARGET.value:.1f}% test accuracy: ' + (
           f'{result["seconds"]:.1f} s from the start, at epoch {result["epoch"]}: '
           f'{result["start_up_s"]:.1f} s start-up (imports), {result["compile_s"]:.1f} s '
           f'compile, {result["train_s"]:.1f} s training, {result["other_s"]:.1f} s data, '
           f'initialisation, evaluation and checkpoints'
-          if result['reached'] else 'not reached'))
+          if result['reached'] else 'not reached')
+          + (f' (compilation cache {cache})' if cache else ''))
     elif MODE.value == 'seeds':
       result = compare_seeds(CONFIG.value, NUM_SEEDS.value)
       print_seeds(result)
@@ -371,6 +376,10 @@ if __name__ == '__main__':
       'and cloud machines have slow phases of a few seconds; with few rounds, repeats '
       'caught in one decide the median.', lower_bound=1)
   PEERS = flags.DEFINE_bool('peers', True, 'train: also time tf.keras and PyTorch if installed.')
+  COMPILATION_CACHE = flags.DEFINE_bool(
+      'compilation_cache', False, 'time_to_accuracy: keep and load compiled programs in '
+      '$CONVNET_CACHE (default ~/.cache/convnet/jax), as convnet.main does; run twice to time '
+      'a rerun.')
   NUM_SEEDS = flags.DEFINE_integer('num_seeds', 2, 'seeds mode: how many seeds.')
   JSON = flags.DEFINE_string('json', '', 'Also write the result to this JSON file.')
   TABLE_FROM = flags.DEFINE_string('table_from', 'docs/benchmarks', 'table: the directory of '

@@ -17,9 +17,10 @@ from conftest import REPO
 from convnet import benchmark, config_lib, models, peers, train
 
 
-def run_benchmark(*flags, timeout=600):
+def run_benchmark(*flags, timeout=600, env=None):
   return subprocess.run([sys.executable, '-m', 'convnet.benchmark', *flags], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+                        capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **(env or {})})
 
 
 def test_benchmark_smoke_mode_writes_its_json_with_every_field(tmp_path):
@@ -69,18 +70,27 @@ def test_the_table_in_docs_is_generated_from_the_committed_benchmark_json():
 
 
 def test_time_to_accuracy_reports_the_first_epoch_at_the_target(tmp_path):
-  out = tmp_path / 'tta.json'
-  proc = run_benchmark('--mode=time_to_accuracy', '--config', 'configs/default.py:smoke',
-                       '--config.num_epochs=2', '--target=0.5', f'--json={out}')
-  assert proc.returncode == 0, proc.stderr
-  result = json.loads(out.read_text())
-  assert result['reached'] and result['epoch'] == 1  # > 85% after one smoke epoch
-  assert result['seconds'] == result['seconds_by_epoch'][0] > 0
-  parts = ('start_up_s', 'compile_s', 'train_s', 'other_s')
-  assert all(result[k] > 0 for k in parts)
-  assert abs(sum(result[k] for k in parts) - result['seconds']) < 1e-6
-  assert len(result['accuracy_by_epoch']) == 2 and result['accuracy_by_epoch'][0] >= 0.5
-  assert '50.0% test accuracy:' in proc.stdout
+  """And with --compilation_cache, a second run loads the first one's programs."""
+  results = []
+  for run in ('cold', 'warm'):
+    out = tmp_path / f'{run}.json'
+    proc = run_benchmark('--mode=time_to_accuracy', '--config', 'configs/default.py:smoke',
+                         '--config.num_epochs=2', '--target=0.5', f'--json={out}',
+                         '--compilation_cache', env={'CONVNET_CACHE': str(tmp_path / 'cache')})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result['reached'] and result['epoch'] == 1  # > 85% after one smoke epoch
+    assert result['seconds'] == result['seconds_by_epoch'][0] > 0
+    parts = ('start_up_s', 'compile_s', 'train_s', 'other_s')
+    assert all(result[k] > 0 for k in parts)
+    assert abs(sum(result[k] for k in parts) - result['seconds']) < 1e-6
+    assert len(result['accuracy_by_epoch']) == 2 and result['accuracy_by_epoch'][0] >= 0.5
+    assert '50.0% test accuracy:' in proc.stdout
+    assert result['compilation_cache'] == str(tmp_path / 'cache') in proc.stdout
+    results.append(result)
+  assert os.listdir(tmp_path / 'cache')
+  assert results[1]['compile_s'] < results[0]['compile_s']
+  assert results[1]['accuracy_by_epoch'] == results[0]['accuracy_by_epoch']
 
 
 def test_benchmark_rejects_an_unknown_mode_and_counts_out_of_range():
