@@ -130,9 +130,9 @@ def eval_step(state: TrainState, batch):
 
 
 def quick_options() -> dict | None:
-  """XLA options for a program a run compiles for one call or one an epoch (its keys, its
-  initial state, an epoch's data order): on CPU, LLVM's -O1 compiles it several times
-  faster than the default -O3, to the same bits (tested; -O0 changes them)."""
+  """XLA options for a program a run calls once, or once an epoch (its keys, its initial
+  state, an epoch's data order): on CPU, LLVM's -O1 compiles it several times faster
+  than the default -O3, to the same bits (tested; -O0 changes them)."""
   return {'xla_backend_optimization_level': 1} if jax.default_backend() == 'cpu' else None
 
 
@@ -175,6 +175,11 @@ def first_seeds(tree, num_seeds: int):
 
 def epoch_permutations(data_keys: jax.Array, epoch: int, num_examples: int) -> jax.Array:
   """[seeds, num_examples]: each seed's order of the training set in `epoch`."""
+  return jax.jit(_epoch_permutations, static_argnums=2, compiler_options=quick_options())(
+      data_keys, epoch, num_examples)
+
+
+def _epoch_permutations(data_keys: jax.Array, epoch: int, num_examples: int) -> jax.Array:
   return jax.vmap(input_pipeline.epoch_permutation, in_axes=(0, None, None))(
       data_keys, epoch, num_examples)
 
@@ -728,8 +733,6 @@ class Training:
     self.evaluate = parallel.compile_now(
         parallel_evaluate(data.mean, data.std, devices, spec.parallel), self.state,
         *arrays.test)
-    self.permute = jax.jit(epoch_permutations, static_argnums=2,
-                           compiler_options=quick_options())
     self.compile_time = time.time() - start
     self.chunks, self.perms, self.shown_epoch = {}, None, None
     self.epoch_metrics, self.epoch_time = [], 0.0
@@ -792,7 +795,8 @@ class Training:
     step, spec = self.step, self.spec
     if self.perms is None or step % self.steps_per_epoch == 0:
       self.perms = jax.device_put(
-          self.permute(self.data_keys, step // self.steps_per_epoch, len(self.data.train.labels)),
+          epoch_permutations(self.data_keys, step // self.steps_per_epoch,
+                             len(self.data.train.labels)),
           parallel.replicated(self.local_devices))
       self.dispatched.append(done_at(self.perms))
     end = chunk_end(step, self.steps_per_epoch, spec.log_every_steps)
