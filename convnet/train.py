@@ -450,6 +450,8 @@ def restore_checkpoint(checkpoints, state: TrainState, keys, read_only: bool = F
 
   `state` and `keys` are the fresh ones: the restore is checked against their structure.
   """
+  if not checkpoints.all_steps():  # A new run; building the target compiles small programs.
+    return None
   restored = checkpoint.restore_latest(
       checkpoints, checkpoint_tree(state, keys, {'train_s': 0.0, 'wall_s': 0.0}), read_only)
   if restored is None:
