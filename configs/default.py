@@ -22,6 +22,8 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
   config.optimizer = 'adam'  # 'adam' | 'adamw' | 'sgd'
   config.momentum = 0.9  # sgd only; 0 means plain SGD.
   config.weight_decay = 0.0  # adamw only.
+  # Training targets: 1 - label_smoothing on the label, label_smoothing spread over all classes.
+  config.label_smoothing = 0.0
   config.schedule = 'cosine'  # 'constant' | 'cosine' (to 0 at the last step)
   config.warmup_epochs = 0.0  # Linear warmup from 0, before the schedule.
   config.log_every_steps = 100  # Train-metric interval in metrics.jsonl; 0 = once per epoch.

@@ -84,7 +84,8 @@ def training_timer(spec: config_lib.Spec, data, steps: int) -> dict:
   chunk = parallel.compile_now(train.parallel_train_chunk(
       steps, steps_per_epoch, spec.batch_size, data.mean, data.std, devices,
       how=spec.parallel, micro_batch_size=spec.micro_batch_size,
-      augment=(spec.data.augment, spec.data.augment_pixels)),
+      augment=(spec.data.augment, spec.data.augment_pixels),
+      label_smoothing=spec.label_smoothing),
       state, images, labels, perms, dropout_keys, {})
   compile_s = time.perf_counter() - start
   state, _ = chunk(state, images, labels, perms, dropout_keys, {})  # Warm-up.

@@ -108,6 +108,7 @@ class Spec:
   optimizer: str = option(choices=optim.OPTIMIZERS)
   momentum: float = option(NON_NEGATIVE)
   weight_decay: float = option(NON_NEGATIVE)
+  label_smoothing: float = option(FRACTION)
   schedule: str = option(choices=optim.SCHEDULES)
   warmup_epochs: float = option(NON_NEGATIVE)
   log_every_steps: int = option(NON_NEGATIVE)
@@ -151,7 +152,7 @@ SCHEMA = {
 # Keys added since runs were first written, and the value that reproduces what a run
 # whose config.json lacks the key computed (read by workdir.config_from_dict); for a
 # per-block key, its field's default.
-ABSENT = {'model.dtype': 'float32', 'profile_steps': 0,
+ABSENT = {'model.dtype': 'float32', 'profile_steps': 0, 'label_smoothing': 0.0,
           'data.augment': 'none', 'data.augment_pixels': 2,  # No augmentation before them.
           **{f'model.{name}': (default,) for name, default in BLOCK_DEFAULTS.items()}}
 

@@ -31,6 +31,8 @@ def _unsupported(spec) -> str:
       return f'peers do not build model.{field}'
   if spec.model.activation != 'relu' or spec.optimizer != 'adam':
     return 'peers are built with ReLU and Adam only'
+  if spec.label_smoothing:
+    return 'peers train without label smoothing'
   return ''
 
 

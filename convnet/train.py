@@ -55,12 +55,18 @@ def create_train_state(key: jax.Array, spec: config_lib.Spec, model: models.Conv
                            batch_stats=variables.get('batch_stats', {}))
 
 
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits, labels, label_smoothing=0.0):
+  """Per-example loss against targets of 1 - label_smoothing on the label plus
+  label_smoothing spread evenly over all classes (optax.smooth_labels, as tf.keras and
+  PyTorch smooth). Without smoothing, the integer-label form: the same bits as ever."""
+  if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
 
 
 def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
-               micro_batch_size: int = 0):
+               micro_batch_size: int = 0, label_smoothing=0.0):
   """One optimizer step on this device's slice of the global batch.
 
   Gradients, metrics and (through BatchNorm's axis_name) batch statistics are
@@ -86,7 +92,8 @@ def train_step(state: TrainState, batch, rng: jax.Array, axis_name: str = AXIS,
       logits, updates = state.apply_fn(
           {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
           rngs={'dropout': rng}, mutable=['batch_stats'])
-      return cross_entropy(logits, labels).sum() / batch_size, (logits, updates)
+      loss = cross_entropy(logits, labels, label_smoothing)
+      return loss.sum() / batch_size, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return (grads, loss, jnp.sum(jnp.argmax(logits, -1) == labels)), updates
@@ -189,7 +196,7 @@ AUGMENT_STREAM = 0x617567  # Folded into a seed's dropout key: augmentation's ow
 # Config keys that change no shape and no code path: the points of a sweep that differ
 # only in these train as the members of one vmapped program (train_together), as seeds do.
 VMAPPED_KEYS = ('seed', 'learning_rate', 'schedule', 'warmup_epochs', 'weight_decay',
-                'model.dropout', 'data.augment_pixels')
+                'label_smoothing', 'model.dropout', 'data.augment_pixels')
 
 
 def program_key(spec: config_lib.Spec) -> dict:
@@ -211,7 +218,7 @@ def member_values(specs: list[config_lib.Spec], steps_per_epoch: int) -> dict[st
     values['learning_rate'] = [  # A constant schedule gives one value for all steps.
         jnp.broadcast_to(optim.create_learning_rate_fn(s, steps_per_epoch)(steps), steps.shape)
         for s in specs]
-  for key in ('weight_decay', 'model.dropout', 'data.augment_pixels'):
+  for key in ('weight_decay', 'label_smoothing', 'model.dropout', 'data.augment_pixels'):
     if differ(key):
       values[key] = [config_lib.get(s, key) for s in specs]
   return {k: np.repeat(np.asarray(v), specs[0].num_seeds, axis=0) for k, v in values.items()}
@@ -236,7 +243,7 @@ def member_state(spec: config_lib.Spec, steps_per_epoch: int) -> Callable:
 
 def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int, mean, std,
                      micro_batch_size: int = 0, augment: tuple[str, int] = ('none', 0),
-                     vary: Callable = lambda state, values: state):
+                     vary: Callable = lambda state, values: state, label_smoothing: float = 0.0):
   """A function running num_steps of train_step for every seed, over device-resident data.
 
   Global batch j of an epoch is perm[j*B:(j+1)*B] whatever the number of devices,
@@ -263,8 +270,9 @@ def make_train_chunk(num_steps: int, steps_per_epoch: int, per_device_batch: int
       moved = input_pipeline.augment(images[idx], key, kind,
                                      values.get('data.augment_pixels', pixels), pad=pixels)
       batch = {'image': input_pipeline.normalize(moved, mean, std), 'label': labels[idx]}
-      new, metrics = train_step(vary(state, values), batch, dropout_key,
-                                micro_batch_size=micro_batch_size)
+      new, metrics = train_step(
+          vary(state, values), batch, dropout_key, micro_batch_size=micro_batch_size,
+          label_smoothing=values.get('label_smoothing', label_smoothing))
       return new.replace(tx=state.tx, apply_fn=state.apply_fn), metrics
 
     return lax.scan(body, state, jnp.arange(num_steps))
@@ -296,14 +304,15 @@ def make_evaluate(mean, std):
 def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, mean, std,
                          devices, how: str = 'pmap', micro_batch_size: int = 0,
                          augment: tuple[str, int] = ('none', 0),
-                         vary: Callable = lambda state, values: state) -> Callable:
+                         vary: Callable = lambda state, values: state,
+                         label_smoothing: float = 0.0) -> Callable:
   """(states, images, labels, perms, dropout_keys, values) -> (states, per-step metrics
   [members, steps]); values: member_values' (empty but for a vmapped sweep group).
 
   The states passed in are donated: their buffers hold the new states.
   """
   chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std,
-                           micro_batch_size, augment, vary)
+                           micro_batch_size, augment, vary, label_smoothing)
   return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None, None), how=how,
                               donate_argnums=(0,))
 
@@ -835,7 +844,8 @@ class Training:
           num_steps, self.steps_per_epoch, spec.batch_size, self.data.mean, self.data.std,
           self.devices, how=spec.parallel, micro_batch_size=spec.micro_batch_size,
           augment=(spec.data.augment, pixels),
-          vary=member_state(spec, self.steps_per_epoch)), *args)
+          vary=member_state(spec, self.steps_per_epoch),
+          label_smoothing=spec.label_smoothing), *args)
       self.compile_time += time.time() - start
     return self.chunks[num_steps]
 

@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -308,6 +309,21 @@ def test_profile_steps_writes_a_trace_of_whole_chunks_for_tensorboard(smoke_conf
   assert f'profile of {traced} training steps in' in capsys.readouterr().out
 
 
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+  logits = np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)
+  labels = np.array([0, 3, 9, 3, 5, 1])
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  for smoothing in (0.0, 0.1, 0.5):
+    targets = np.full((6, 10), smoothing / 10) + (1 - smoothing) * np.eye(10)[labels]
+    np.testing.assert_allclose(train.cross_entropy(logits, labels, smoothing),
+                               -(targets * log_p).sum(-1), rtol=1e-5)
+  # No smoothing is the integer-label form, bit for bit: every earlier run's numbers stand.
+  np.testing.assert_array_equal(
+      train.cross_entropy(logits, labels),
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
 def test_learning_rate_schedule_warmup_then_cosine(smoke_config):
   config = smoke_config
   config.schedule, config.warmup_epochs, config.num_epochs = 'cosine', 1.0, 3
@@ -334,6 +350,7 @@ BAD_CONFIGS = [
                                     setattr(c.model, 'norm', ('batch',))),
      'BatchNorm would normalise over slices of 16'),
     ('model.dropout', lambda c: setattr(c.model, 'dropout', 1.0), r'\[0, 1\)'),
+    ('label_smoothing', lambda c: setattr(c, 'label_smoothing', 1.0), r'\[0, 1\)'),
     ('model.widht', lambda c: c.model.__setattr__('widht', 3), 'unknown config key'),
     ('model.kernel_size', lambda c: c.model.update(num_blocks=3, kernel_size=(9,),
                                                    padding=('VALID',)), '9x9 kernel'),

@@ -16,7 +16,7 @@ from convnet import checkpoint, config_lib, inference, sweep, train, workdir
 POINTS = [
     {},
     {'seed': 5, 'learning_rate': 3e-3, 'schedule': 'constant', 'warmup_epochs': 0.5},
-    {'weight_decay': 0.1, 'model.dropout': 0.0, 'data.augment_pixels': 1},
+    {'weight_decay': 0.1, 'label_smoothing': 0.1, 'model.dropout': 0.0, 'data.augment_pixels': 1},
 ]
 
 
@@ -127,8 +127,8 @@ def test_one_point_compiles_no_member_values(smoke_config):
   specs = [config_lib.read(point_config(p)) for p in POINTS]
   assert train.member_values(specs[:1], steps_per_epoch=4) == {}
   values = train.member_values(specs, steps_per_epoch=4)
-  assert sorted(values) == ['data.augment_pixels', 'learning_rate', 'model.dropout',
-                            'weight_decay']
+  assert sorted(values) == ['data.augment_pixels', 'label_smoothing', 'learning_rate',
+                            'model.dropout', 'weight_decay']
   np.testing.assert_allclose(values['learning_rate'][1], [0.0, 1.5e-3, 3e-3, 3e-3, 3e-3,
                                                           3e-3, 3e-3, 3e-3], rtol=1e-6)
   np.testing.assert_array_equal(values['data.augment_pixels'], [2, 2, 1])
