@@ -164,10 +164,14 @@ def run_benchmark(config, steps: int, repeats: int, with_peers: bool) -> dict:
                             'TensorFlow reads it too (its fit runs slower so); '
                             'compare with peers timed in a 1-device run')
   result['peak_rss_mb'] = peak_rss_mb()
-  result['machine'] = {'cpu': cpu_model() or platform.processor() or platform.machine(),
-                       'cores': os.cpu_count(), 'jax': jax.__version__,
-                       'device_kind': jax.devices()[0].device_kind, 'python': platform.python_version()}
+  result['machine'] = machine()
   return result
+
+
+def machine() -> dict:
+  return {'cpu': cpu_model() or platform.processor() or platform.machine(),
+          'cores': os.cpu_count(), 'jax': jax.__version__,
+          'device_kind': jax.devices()[0].device_kind, 'python': platform.python_version()}
 
 
 def cpu_model() -> str:
@@ -343,7 +347,9 @@ def main(argv):
       cache = parallel.compilation_cache_dir() if COMPILATION_CACHE.value else ''
       if cache:
         parallel.use_compilation_cache(cache)
-      result = {**time_to_accuracy(CONFIG.value, TARGET.value), 'compilation_cache': cache}
+      result = {**time_to_accuracy(CONFIG.value, TARGET.value), 'compilation_cache': cache,
+                'seed': CONFIG.value.seed, 'machine': machine(),
+                **provenance(flags.FLAGS['config'].config_filename, CONFIG.value)}
       print(f'{100 * TARGET.value:.1f}% test accuracy: ' + (
           f'{result["seconds"]:.1f} s from the start, at epoch {result["epoch"]}: '
           f'{result["start_up_s"]:.1f} s start-up (imports), {result["compile_s"]:.1f} s '

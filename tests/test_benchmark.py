@@ -86,6 +86,8 @@ def test_time_to_accuracy_reports_the_first_epoch_at_the_target(tmp_path):
     assert abs(sum(result[k] for k in parts) - result['seconds']) < 1e-6
     assert len(result['accuracy_by_epoch']) == 2 and result['accuracy_by_epoch'][0] >= 0.5
     assert '50.0% test accuracy:' in proc.stdout
+    assert result['seed'] == 0 and result['machine']['cores'] == os.cpu_count()  # Provenance,
+    assert result['config'].startswith('configs/default.py') and 'commit' in result  # as train's.
     assert result['compilation_cache'] == str(tmp_path / 'cache') in proc.stdout
     results.append(result)
   assert os.listdir(tmp_path / 'cache')
