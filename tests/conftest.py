@@ -1,15 +1,18 @@
 """Two fake CPU devices for every test: XLA_FLAGS must be set before jax is imported."""
 
+import atexit
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=2').strip()
 # The commands' compiled programs go to a directory of this session's (inherited by the
-# commands the tests start), not to the user's ~/.cache/convnet/jax.
+# commands the tests start), not to the user's ~/.cache/convnet/jax; removed at exit.
 os.environ['CONVNET_CACHE'] = tempfile.mkdtemp(prefix='convnet-jax-cache-')
+atexit.register(shutil.rmtree, os.environ['CONVNET_CACHE'], ignore_errors=True)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # So `configs` imports as a package from any working directory.
 
