@@ -324,6 +324,20 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
       optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+def test_a_run_trains_against_its_config_s_smoothed_targets(smoke_config, tmp_path):
+  """No loss against targets smoothed by s falls below their entropy (Gibbs' inequality);
+  the same run unsmoothed does: the config's smoothing reaches the compiled step."""
+  smoothing, losses = 0.5, {}
+  targets = np.full(10, smoothing / 10) + (1 - smoothing) * np.eye(10)[0]
+  entropy = -(targets * np.log(targets)).sum()
+  for s in (0.0, smoothing):
+    smoke_config.label_smoothing = s
+    train.train_and_evaluate(smoke_config, str(tmp_path / str(s)))
+    records = workdir.read_jsonl(tmp_path / str(s) / 'metrics.jsonl')
+    losses[s] = [r['train_loss'] for r in records if 'train_loss' in r]
+  assert min(losses[smoothing]) >= entropy > max(losses[0.0])
+
+
 def test_learning_rate_schedule_warmup_then_cosine(smoke_config):
   config = smoke_config
   config.schedule, config.warmup_epochs, config.num_epochs = 'cosine', 1.0, 3
