@@ -185,6 +185,15 @@ class Ops:
             and block.unhandled(FUSED_HANDLES) is None
             and block.pool_size == block.pool_stride and commutes)
 
+  def pools_before_activation(self, block: shapes.Block, commutes: bool) -> bool:
+    """Whether `block` max-pools its conv's outputs before the bias and activation
+    (`commutes`, as for pools_with_conv): the same values, and the bias, the activation
+    and their gradients then run on a quarter of the elements (2x2 windows). CPU
+    kernels in NHWC only, where it trains faster; in CHWN it does not
+    (docs/performance.md)."""
+    return (self.backend == 'cpu' and self.layout == 'NHWC' and block.pool == 'max'
+            and block.unhandled(CPU_POOL_HANDLES) is None and commutes)
+
   def conv_max_pool(self, x, kernel, block: shapes.Block,
                     conv_outputs: Optional[tuple[int, int]] = None):
     """max_pool(conv2d(x, kernel), pool_size tiles) for a block pools_with_conv takes."""

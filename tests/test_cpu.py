@@ -107,6 +107,43 @@ def test_a_one_channel_block_pools_by_phase_only_where_that_is_exact(
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('layout_name,changes,pools_first', [
+    ('NHWC', {}, True), ('NHWC', {'padding': 'SAME', 'activation': 'leaky_relu'}, True),
+    ('NHWC', {'pool_stride': 1}, True), ('CHWN', {}, False), ('NHWC', {'norm': 'layer'}, False),
+    ('NHWC', {'activation': 'gelu'}, False), ('NHWC', {'pool': 'avg'}, False)])
+def test_a_block_max_pools_before_its_bias_and_activation_only_where_that_is_exact(
+    mnist, monkeypatch, layout_name, changes, pools_first):
+  """Where ConvBlock pools the raw conv outputs (its bias then sees the pooled shape), and
+  that its output and gradients are those of the same block on the library ops, which
+  pool last. Real digits, two channels: blank windows tie, and both send the gradient to
+  the first maximum."""
+  seen = []
+  real = models.ConvBlock._normalize
+  monkeypatch.setattr(models.ConvBlock, '_normalize',
+                      lambda self, y, train: seen.append(y.shape) or real(self, y, train))
+  settings = {**dict(filters=4, kernel_size=3, padding='VALID', pool='max', pool_size=2,
+                     pool_stride=2, activation='relu'), **changes}
+  activation = settings.pop('activation')
+  library_block = models.ConvBlock(shapes.Block(**settings), activation=activation)
+  block = library_block.clone(ops=ops.Ops('cpu', layout_name))
+  x = jnp.asarray(np.concatenate([mnist.test.images[:4], mnist.test.images[4:8]], -1) / 255.0,
+                  jnp.float32)
+  variables = library_block.init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(  # Non-zero biases too, some negative.
+      lambda p: 0.3 * jax.random.normal(jax.random.key(1), p.shape), variables)
+
+  def loss(block, variables):
+    return jnp.sum(jnp.sin(block.ops.to_nhwc(block.apply(variables, block.ops.to_blocks(x)))))
+
+  seen.clear()
+  got = jax.jit(jax.value_and_grad(lambda v: loss(block, v)))(variables)
+  conv_rows = 28 if settings['padding'] == 'SAME' else 26
+  assert [shape[1] < conv_rows for shape in seen] == [pools_first]
+  want = jax.jit(jax.value_and_grad(lambda v: loss(library_block, v)))(variables)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('norm,pool_name,pool_size,pool_stride,padding', [
     ('none', 'max', 2, 2, 'VALID'), ('batch', 'max', 3, 2, 'SAME'), ('layer', 'avg', 2, 2, 'SAME'),
     ('none', 'avg', 3, 1, 'VALID'), ('group', 'max', 2, 2, 'SAME')])
