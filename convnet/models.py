@@ -121,7 +121,7 @@ class ConvBlock(nn.Module):
       y = ops.conv_max_pool(x, kernel, spec, conv_outputs=self.conv_outputs)
       return ACTIVATIONS[self.activation].fn(self._normalize(y, train))
     y = ops.conv2d(x, kernel, spec, out_size=self.conv_outputs)
-    if ops.pools_before_activation(spec, self.commutes_with_max_pool):  # Same values (CPU).
+    if ops.pools_before_activation(spec, self.commutes_with_max_pool):  # CPU kernels, NHWC.
       return ACTIVATIONS[self.activation].fn(self._normalize(ops.pool2d(y, spec), train))
     y = self._normalize(y, train)
     y = ACTIVATIONS[self.activation].fn(y)

@@ -5,8 +5,9 @@
           `apply` (Flax/lax pooling), nn.Dropout. What GPUs and TPUs run well.
   'cpu'   the kernels in convnet/cpu, written for XLA's CPU backend: im2col with
           hand-written gradients, the blocks batch-innermost (layout='CHWN'), a
-          one-channel conv and its max pool as one matmul, and only the conv outputs the
-          rest of the net reads (shapes.conv_outputs_read).
+          one-channel conv and its max pool as one matmul, in NHWC the max pool before the
+          bias and activation, and only the conv outputs the rest of the net reads
+          (shapes.conv_outputs_read).
   'auto'  'cpu' when JAX's default backend is the CPU, 'xla' on GPU and TPU.
 
 Both backends hold the same parameters and compute the same function (up to float
