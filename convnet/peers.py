@@ -68,15 +68,29 @@ def keras_model(spec):
 
 
 def keras_trainer(spec, data, steps: int):
-  """tf.keras `fit` over steps batches per call (images/s), after one warm-up epoch."""
-  model = keras_model(spec)
+  """tf.keras `fit` over steps batches per call (images/s), after one warm-up epoch.
+
+  Timed from fit's first step to its last, as the trainer's compiled chunk is: fit's
+  set-up and teardown are left out. Its teardown of tf.data's autotuning sometimes
+  waits until a fixed time after fit began, whatever the training took, which made a
+  whole call's time two-valued (docs/performance.md).
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  class Steps(tf.keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+      self.start = time.perf_counter()
+
+    def on_train_end(self, logs=None):
+      self.seconds = time.perf_counter() - self.start
+
+  model, timer = keras_model(spec), Steps()
   x, y = _inputs(data, steps * spec.batch_size)
   model.fit(x, y, batch_size=spec.batch_size, epochs=1, verbose=0)
 
   def repeat() -> float:
-    start = time.perf_counter()
-    model.fit(x, y, batch_size=spec.batch_size, epochs=1, verbose=0)
-    return len(y) / (time.perf_counter() - start)
+    model.fit(x, y, batch_size=spec.batch_size, epochs=1, verbose=0, callbacks=[timer])
+    return len(y) / timer.seconds
   return repeat
 
 
