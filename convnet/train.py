@@ -312,7 +312,8 @@ def parallel_train_chunk(num_steps: int, steps_per_epoch: int, batch_size: int, 
   The states passed in are donated: their buffers hold the new states.
   """
   chunk = make_train_chunk(num_steps, steps_per_epoch, batch_size // len(devices), mean, std,
-                           micro_batch_size, augment, vary, label_smoothing)
+                           micro_batch_size=micro_batch_size, augment=augment, vary=vary,
+                           label_smoothing=label_smoothing)
   return parallel.parallelize(chunk, devices, in_axes=(None, 0, 0, None, None, None), how=how,
                               donate_argnums=(0,))
 
