@@ -3,37 +3,43 @@
 # into most (jax, flax, optax, orbax-checkpoint, tensorflow-datasets, absl-py: "name>=X"
 # installed as "name==X"; the others as pyproject.toml asks) in a fresh venv, and runs a
 # subset of the tests there: those lower bounds are true only if this passes. With
-# --colab, the versions Colab's runtimes ship instead (tests/colab/tpu.txt, on Python 3.13
-# where pyenv has it) and the accelerator path's tests alone. `.ci/run` runs both; each
-# downloads and installs a whole stack, so neither is part of `make test`.
+# --colab, the versions Colab's runtimes ship instead (tests/colab/tpu.txt) and the
+# accelerator path's tests alone. With --newest, the newest release of each package (what
+# a new install on Python 3.12+ gets: jax 0.11 left Python 3.11, where `make test` runs)
+# and the tests of the accelerator path and of the CPU kernels. Both on Python 3.13 where
+# pyenv has it. `.ci/run` runs all three; each downloads and installs a whole stack, so
+# none is part of `make test`.
 #
 #   scripts/check_minimum_versions.sh                    # the bounds as written
 #   scripts/check_minimum_versions.sh --colab            # Colab's jax 0.7.2, flax 0.11.2, ...
+#   scripts/check_minimum_versions.sh --newest           # the newest releases
 #   scripts/check_minimum_versions.sh jax==0.9.2 flax==0.11.0   # try lower ones first
 set -euo pipefail
 cd "$(dirname "$0")/.."
-COLAB=0
-if [[ "${1:-}" == --colab ]]; then
-  COLAB=1
+MODE=bounds
+if [[ "${1:-}" == --colab || "${1:-}" == --newest ]]; then
+  MODE="${1#--}"
   shift
-  colab_python="$(pyenv prefix 3.13 2>/dev/null | head -n1)/bin/python3.13"
-  [[ -x "$colab_python" ]] || colab_python=python3
-  PYTHON="${PYTHON:-$colab_python}"
+  python313="$(pyenv prefix 3.13 2>/dev/null | head -n1)/bin/python3.13"
+  [[ -x "$python313" ]] || python313=python3
+  PYTHON="${PYTHON:-$python313}"
 fi
 VENV="${VENV:-$(mktemp -d)/venv}"
 PYTHON="${PYTHON:-python3}"
 
 # One requirement per line: the pins, then the test tools (the [dev] extra as written; with
-# --colab only pytest's, as the accelerator tests prepare no tfds data and run no notebook).
-mapfile -t pins < <("$PYTHON" - "$COLAB" "$@" <<'PY'
+# --colab and --newest only pytest's: their tests prepare no tfds data and run no notebook).
+mapfile -t pins < <("$PYTHON" - "$MODE" "$@" <<'PY'
 import re, sys, tomllib
 CORE = ('jax', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-datasets', 'absl-py')
-colab, overrides = sys.argv[1] == '1', {re.split('[=<>]', a)[0].lower(): a for a in sys.argv[2:]}
+mode, overrides = sys.argv[1], {re.split('[=<>]', a)[0].lower(): a for a in sys.argv[2:]}
 project = tomllib.load(open('pyproject.toml', 'rb'))['project']
-if colab:  # The runtime's name==version lines, but its TPU library and torch's wheel URL.
+pytest = [r for r in project['optional-dependencies']['dev'] if r.startswith('pytest')]
+if mode == 'newest':
+  pins = project['dependencies'] + pytest
+elif mode == 'colab':  # The runtime's name==version lines, but its TPU library and torch's wheel URL.
   pins = [line.strip() for line in open('tests/colab/tpu.txt')
-          if '==' in line and not line.startswith(('#', 'libtpu'))]
-  pins += [r for r in project['optional-dependencies']['dev'] if r.startswith('pytest')]
+          if '==' in line and not line.startswith(('#', 'libtpu'))] + pytest
 else:
   pins = []
   for requirement in project['dependencies']:
@@ -51,7 +57,7 @@ echo "installing into $VENV ($("$PYTHON" --version)):" "${pins[@]}"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet "${pins[@]}"
-if [[ $COLAB == 1 ]]; then  # As the notebook installs it: what the runtime has stays.
+if [[ $MODE == colab ]]; then  # As the notebook installs it: what the runtime has stays.
   "$VENV/bin/pip" freeze | grep '==' > "$VENV/keep_runtime.txt"
   "$VENV/bin/pip" install --quiet -e . -c "$VENV/keep_runtime.txt"
 else
@@ -73,10 +79,13 @@ tests=(
     "tests/test_checkpoint.py::test_sigterm_then_sigkill_then_rerun_equals_an_uninterrupted_run_bitwise[xla]"
     "tests/test_vmapped_points.py::test_points_vmapped_on_the_library_ops_equal_each_alone"
 )
-if [[ $COLAB == 0 ]]; then  # And the rest of what the bounds promise: the CPU kernels, a run
-  # that repeats, checkpoints, tfds (mocked, and prepared in both file formats), figures.
+if [[ $MODE != colab ]]; then  # The CPU kernels, which a CPU runs.
+  tests+=(tests/test_cpu.py)
+fi
+if [[ $MODE == bounds ]]; then  # And the rest of what the bounds promise: a run that
+  # repeats, checkpoints, tfds (mocked, and prepared in both file formats), figures.
   tests+=(
-    tests/test_shapes.py tests/test_cpu.py tests/test_input_pipeline.py
+    tests/test_shapes.py tests/test_input_pipeline.py
     "tests/test_train.py::test_training_real_mnist_learns_and_repeats_exactly"
     "tests/test_checkpoint.py::test_same_size_corruption_is_caught_by_the_sums_and_the_run_retrains_exactly"
     "tests/test_visualize.py::test_every_figure_is_written_at_its_size"
