@@ -4,7 +4,8 @@
           the two convolutions JAX's own rule emits: see `library_conv`), each pool's own
           `apply` (Flax/lax pooling), nn.Dropout. What GPUs and TPUs run well.
   'cpu'   the kernels in convnet/cpu, written for XLA's CPU backend: im2col with
-          hand-written gradients, the blocks batch-innermost (layout='CHWN'), a
+          hand-written gradients (Winograd's F(2, 3) for 3-wide kernels over many
+          channels in CHWN), the blocks batch-innermost (layout='CHWN'), a
           one-channel conv and its max pool as one matmul, in NHWC the max pool before the
           bias and activation, and only the conv outputs the rest of the net reads
           (shapes.conv_outputs_read).

@@ -9,7 +9,7 @@ import pytest
 
 from convnet import models, ops, shapes
 from convnet.cpu import conv, dropout, layout, phases
-from references import numpy_conv, numpy_pool
+from references import numpy_conv, numpy_conv_gradients, numpy_pool
 
 
 @pytest.mark.parametrize('noise', [0.0, 1e-3])
@@ -217,6 +217,53 @@ def test_conv2d_out_size_is_the_leading_corner_of_the_full_output(layout_name):
     part = convolve(x, kernel, block=block, layout=layout_name, out_size=out_size)
     np.testing.assert_allclose(part, full[:, :out_size[0], :out_size[1], :], rtol=1e-5,
                                atol=1e-5)
+
+
+def digits_as_channels(mnist, channels: int, size: int) -> np.ndarray:
+  """[2, size, size, channels]: 2 * channels real test digits, each one channel."""
+  x = mnist.test.images[:2 * channels, :size, :size, 0] / 255.0
+  return x.reshape(2, channels, size, size).transpose(0, 2, 3, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize('padding,size,out_size,kernel_rows', [
+    ('VALID', 12, None, 3), ('SAME', 14, None, 3), ('VALID', 13, (10, 10), 3),
+    ('VALID', 12, None, 5), ('VALID', 12, None, 1)])
+def test_winograd_conv_values_and_gradients_match_numpy_windows(mnist, padding, size, out_size,
+                                                                kernel_rows):
+  """A CHWN conv of 3-wide kernels over 32 channels into an even number of columns runs
+  Winograd's F(2, 3) (the jaxpr names it): values and both gradients against NumPy's
+  sliding windows, on 64 real digits as 2 images of 32 channels."""
+  x = digits_as_channels(mnist, 32, size)
+  kernel = 0.1 * np.random.default_rng(0).normal(size=(kernel_rows, 3, 32, 5))
+  kernel = kernel.astype(np.float32)
+  if kernel_rows == 3:
+    block = shapes.Block(filters=5, padding=padding)
+    chwn = lambda x, k: conv.conv2d(x, k, block, layout='CHWN', out_size=out_size)
+  else:
+    chwn = conv.conv_valid_winograd
+  ours = lambda x, k: layout.swap_batch_and_channels(chwn(layout.swap_batch_and_channels(x), k))
+  assert 'name=conv_valid_winograd' in str(jax.make_jaxpr(ours)(x, kernel))
+  want = numpy_conv(x, kernel, 0.0, 1, padding)
+  rows, cols = out_size or want.shape[1:3]
+  np.testing.assert_allclose(jax.jit(ours)(x, kernel), want[:, :rows, :cols], rtol=1e-4,
+                             atol=1e-4)
+  dy = np.zeros_like(want)
+  dy[:, :rows, :cols] = np.random.default_rng(1).normal(size=(2, rows, cols, 5))
+  dx, dkernel = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * dy[:, :rows, :cols]),
+                                 argnums=(0, 1)))(x, kernel)
+  want_dx, want_dkernel = numpy_conv_gradients(x, kernel, 1, padding, dy)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize('channels,size', [(16, 12), (32, 13)])
+def test_thin_or_odd_width_chwn_convs_stay_im2col(mnist, channels, size):
+  """Fewer than MIN_WINOGRAD_CHANNELS channels, or an odd number of output columns."""
+  x = layout.swap_batch_and_channels(digits_as_channels(mnist, channels, size))
+  kernel = jnp.ones((3, 3, channels, 2))
+  block = shapes.Block(filters=2, padding='VALID')
+  jaxpr = str(jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, block, layout='CHWN'))(x))
+  assert 'name=conv_valid_im2col' in jaxpr and 'winograd' not in jaxpr
 
 
 @pytest.mark.parametrize('out_size', [(27, 5), (0, 5)])
