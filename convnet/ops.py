@@ -128,6 +128,7 @@ class Ops:
   backend: str = 'xla'
   layout: str = 'NHWC'  # 'CHWN' only with the CPU kernels.
   dtype: str = 'float32'  # 'bfloat16' only with the library ops.
+  winograd: bool = True  # CPU kernels: False keeps every conv im2col (a direct convolution).
 
   @property
   def channel_axis(self) -> int:
@@ -153,7 +154,8 @@ class Ops:
     if self.backend == 'cpu':
       unhandled = block.unhandled(CPU_CONV_HANDLES)
       if unhandled is None:
-        return cpu_conv.conv2d(x, kernel, block, layout=self.layout, out_size=out_size)
+        return cpu_conv.conv2d(x, kernel, block, layout=self.layout, out_size=out_size,
+                               winograd=self.winograd)
       say_once(f'model.{unhandled}: the CPU conv kernel does not handle it; such blocks run '
                f'the library conv (lax.conv_general_dilated)')
       y = self.to_blocks(Ops().conv2d(self.to_nhwc(x), kernel, block))

@@ -341,9 +341,11 @@ def training_flops_per_image(model_spec: config_lib.Model, state: TrainState, im
   Counted on the lowered program: compiling it only for the count would add a compile
   to every run's start-up. Without dropout: its random bits are integer hashing, not
   the model's arithmetic, and XLA counts them only when they are written out
-  (cpu/dropout.py).
+  (cpu/dropout.py). Convolutions counted as im2col computes them, directly: Winograd's
+  fewer multiplications (cpu/conv.py) are speed, not less of the model's work.
   """
-  model = build_model(model_spec, axis_name=None).clone(dropout=0.0)
+  model = build_model(model_spec, axis_name=None)
+  model = model.clone(dropout=0.0, ops=dataclasses.replace(model.ops, winograd=False))
   batch = 8
 
   def loss(params, images, labels):

@@ -7,7 +7,8 @@ from jax import lax
 import numpy as np
 import pytest
 
-from convnet import models, ops, shapes
+from configs import keras_convnet
+from convnet import models, ops, shapes, train
 from convnet.cpu import conv, dropout, layout, phases
 from references import numpy_conv, numpy_conv_gradients, numpy_pool
 
@@ -264,6 +265,19 @@ def test_thin_or_odd_width_chwn_convs_stay_im2col(mnist, channels, size):
   block = shapes.Block(filters=2, padding='VALID')
   jaxpr = str(jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, block, layout='CHWN'))(x))
   assert 'name=conv_valid_im2col' in jaxpr and 'winograd' not in jaxpr
+
+
+def test_flop_count_is_a_direct_convolutions_where_winograd_runs():
+  """keras_convnet's second conv runs F(2, 3) on the CPU kernels; the reported FLOPs
+  (benchmark, results, sweep reports) stay the model's: the multiply-adds of the outputs
+  computed (conv1 24x24 of 26x26 through its phases, conv2 10x10 of 11x11), 2 FLOPs
+  each, times 2 for conv1 (no input gradient) and 3 for conv2 and the dense layer."""
+  spec = train.validate(keras_convnet.get_config())
+  assert ops.make(spec.model.ops, spec.model.layout).backend == 'cpu'
+  state = train.first_seed(train.init_run(spec, (28, 28, 1), 1, axis_name=None).state)
+  flops = train.training_flops_per_image(spec.model, state, (28, 28, 1))
+  matmuls = 2 * (2 * 24 * 24 * 9 * 32 + 3 * 10 * 10 * 288 * 64 + 3 * 1600 * 10)
+  assert matmuls < flops < 1.1 * matmuls  # F(2, 3)'s own count would be about 0.7x.
 
 
 @pytest.mark.parametrize('out_size', [(27, 5), (0, 5)])

@@ -193,12 +193,12 @@ conv_valid_winograd.defvjp(_conv_winograd_forward, _conv_winograd_backward)
 
 
 def conv2d(x, kernel, block, *, layout: str = 'NHWC',
-           out_size: Optional[tuple[int, int]] = None):
+           out_size: Optional[tuple[int, int]] = None, winograd: bool = True):
   """2-D convolution of x (NHWC or CHWN) with an HWIO kernel as `block` (a shapes.Block:
   its stride and padding; dilation 1) sets it, as lax.conv computes it.
 
   With out_size=(rows, cols), only the output's leading rows x cols are computed, from
-  the input rows and columns they read.
+  the input rows and columns they read. winograd=False: im2col even where F(2, 3) applies.
   """
   x = pad(x, block)
   if out_size is not None:
@@ -207,7 +207,7 @@ def conv2d(x, kernel, block, *, layout: str = 'NHWC',
       raise ValueError(f'conv2d out_size={tuple(out_size)} is not within its '
                        f'{full[0]}x{full[1]} output')
     x = x[:, :block.conv_reads(out_size[0]), :block.conv_reads(out_size[1])]
-  if (layout == 'CHWN' and x.shape[0] >= MIN_WINOGRAD_CHANNELS and block.stride == 1
+  if (winograd and layout == 'CHWN' and x.shape[0] >= MIN_WINOGRAD_CHANNELS and block.stride == 1
       and kernel.shape[1] == 3 and x.shape[2] % 2 == 0):  # An even number of outputs.
     return conv_valid_winograd(x, kernel)
   return conv_valid_im2col(x, kernel, block.stride, layout)
