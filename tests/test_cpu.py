@@ -9,7 +9,7 @@ import pytest
 
 from configs import keras_convnet
 from convnet import models, ops, shapes, train
-from convnet.cpu import conv, dropout, layout, phases
+from convnet.cpu import conv, dropout, layout, phases, winograd
 from references import numpy_conv, numpy_conv_gradients, numpy_pool
 
 
@@ -241,7 +241,7 @@ def test_winograd_conv_values_and_gradients_match_numpy_windows(mnist, padding, 
     block = shapes.Block(filters=5, padding=padding)
     chwn = lambda x, k: conv.conv2d(x, k, block, layout='CHWN', out_size=out_size)
   else:
-    chwn = conv.conv_valid_winograd
+    chwn = winograd.conv_valid_winograd
   ours = lambda x, k: layout.swap_batch_and_channels(chwn(layout.swap_batch_and_channels(x), k))
   assert 'name=conv_valid_winograd' in str(jax.make_jaxpr(ours)(x, kernel))
   want = numpy_conv(x, kernel, 0.0, 1, padding)
@@ -259,7 +259,7 @@ def test_winograd_conv_values_and_gradients_match_numpy_windows(mnist, padding, 
 
 @pytest.mark.parametrize('channels,size', [(16, 12), (32, 13)])
 def test_thin_or_odd_width_chwn_convs_stay_im2col(mnist, channels, size):
-  """Fewer than MIN_WINOGRAD_CHANNELS channels, or an odd number of output columns."""
+  """Fewer than winograd.MIN_CHANNELS channels, or an odd number of output columns."""
   x = layout.swap_batch_and_channels(digits_as_channels(mnist, channels, size))
   kernel = jnp.ones((3, 3, channels, 2))
   block = shapes.Block(filters=2, padding='VALID')

@@ -6,7 +6,7 @@ does one matmul with the kernel. The backward pass is written by hand
 gradient adds each tap's share back with a pad, one fused loop where JAX's own
 transpose of the slicing writes a scatter per tap. For 3-wide kernels over many
 channels in CHWN, Winograd's F(2, 3) does the same convolution with a third fewer
-multiplications (`conv_valid_winograd`).
+multiplications (cpu/winograd.py).
 """
 
 import functools
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from convnet.cpu import winograd as winograd_lib
 from convnet.shapes import conv_output_size
 
 
@@ -109,89 +110,6 @@ def _conv_valid_backward(stride: int, layout: str, residuals, dy):
 conv_valid_im2col.defvjp(_conv_valid_forward, _conv_valid_backward)
 
 
-# Winograd's F(2, 3) along the columns: a pair of outputs of a 3-wide kernel from four
-# products where im2col takes six, each of a combination of the four input columns the
-# pair reads (B^T d) and one of the kernel's three columns (G g); rows as im2col. Used for
-# CHWN inputs of at least MIN_WINOGRAD_CHANNELS channels: with fewer, the products'
-# matmuls are too thin to gain (docs/performance.md).
-MIN_WINOGRAD_CHANNELS = 32
-
-
-def _winograd_patches(x, kh: int, out_h: int, out_w: int):
-  """[4, kh*cin, pixels]: for each product, the transformed input of every output pair,
-  rows (tap_row, in_channel), columns (row, pair, image) (CHWN)."""
-  cin, n = x.shape[0], x.shape[3]
-  pairs = out_w // 2
-
-  def column(i: int, j: int):  # Input rows i.., columns j, j + 2, ..: one per output pair.
-    return lax.slice(x, (0, i, j, 0), (cin, i + out_h, j + 2 * pairs - 1, n), (1, 1, 2, 1))
-
-  def transformed(i: int):  # B^T d for kernel row i.
-    d = [column(i, j) for j in range(4)]
-    return d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]
-
-  rows = [transformed(i) for i in range(kh)]
-  return jnp.concatenate([jnp.concatenate([row[k] for row in rows], axis=0)
-                          .reshape(1, kh * cin, -1) for k in range(4)], axis=0)
-
-
-def _winograd_kernel(kernel):
-  """G g: the kernel's columns combined for each product, [4, kh*cin, cout]."""
-  g0, g1, g2 = kernel[:, 0], kernel[:, 1], kernel[:, 2]
-  v = jnp.stack([g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2])
-  return v.reshape(4, -1, kernel.shape[-1])
-
-
-_BATCHED = (((1,), (1,)), ((0,), (0,)))  # [4, K, a] x [4, K, b] -> [4, a, b]
-
-
-def _conv_winograd_forward(x, kernel):
-  kh, _, _, cout = kernel.shape
-  out_h, out_w, n = x.shape[1] - kh + 1, x.shape[2] - 2, x.shape[3]
-  patches, combined = _winograd_patches(x, kh, out_h, out_w), _winograd_kernel(kernel)
-  m = lax.dot_general(combined, patches, _BATCHED).reshape(4, cout, out_h, out_w // 2, n)
-  y = jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]], axis=3)  # A^T m, pairs interleaved.
-  return y.reshape(cout, out_h, out_w, n), (patches, combined, x.shape)
-
-
-@jax.custom_vjp
-def conv_valid_winograd(x, kernel):
-  """'VALID' stride-1 convolution of CHWN x with a kh x 3 kernel into an even number of
-  columns, by Winograd's F(2, 3) along the columns: 4 products where im2col takes 6 per
-  output pair, so its matmuls (forward and both gradients) do 2/3 of im2col's work."""
-  return _conv_winograd_forward(x, kernel)[0]
-
-
-def _conv_winograd_backward(residuals, dy):
-  """The transposes of the forward's steps: dy through A^T, two batched matmuls, then the
-  kernel's combination and the input's, each input column's share added back by a pad."""
-  patches, combined, (cin, h, w, n) = residuals
-  cout, out_h, out_w, _ = dy.shape
-  kh, pairs = combined.shape[1] // cin, out_w // 2
-  dy = dy.reshape(cout, out_h, pairs, 2, n)
-  even, odd = dy[:, :, :, 0], dy[:, :, :, 1]
-  dm = jnp.stack([even, even + odd, even - odd, -odd]).reshape(4, cout, -1)
-  dcombined = lax.dot_general(patches, dm, (((2,), (2,)), ((0,), (0,))))  # [4, K, cout]
-  dcombined = dcombined.reshape(4, kh, cin, cout)
-  half = (dcombined[1] + dcombined[2]) / 2
-  dkernel = jnp.stack([dcombined[0] + half, (dcombined[1] - dcombined[2]) / 2,
-                       half + dcombined[3]], axis=1)
-  dpatches = lax.dot_general(combined, dm, (((2,), (1,)), ((0,), (0,))))  # [4, K, pixels]
-  dpatches = dpatches.reshape(4, kh, cin, out_h, pairs, n)
-  dx = 0.0
-  for i in range(kh):
-    d = dpatches[:, i]
-    columns = [d[0], d[1] - d[2] + d[3], d[1] + d[2] - d[0], -d[3]]  # B d's transpose.
-    for j, column in enumerate(columns):
-      dx = dx + lax.pad(column, jnp.zeros((), dy.dtype),
-                        ((0, 0, 0), (i, h - i - out_h, 0), (j, w - j - 2 * pairs + 1, 1),
-                         (0, 0, 0)))
-  return dx, dkernel
-
-
-conv_valid_winograd.defvjp(_conv_winograd_forward, _conv_winograd_backward)
-
-
 def conv2d(x, kernel, block, *, layout: str = 'NHWC',
            out_size: Optional[tuple[int, int]] = None, winograd: bool = True):
   """2-D convolution of x (NHWC or CHWN) with an HWIO kernel as `block` (a shapes.Block:
@@ -207,7 +125,6 @@ def conv2d(x, kernel, block, *, layout: str = 'NHWC',
       raise ValueError(f'conv2d out_size={tuple(out_size)} is not within its '
                        f'{full[0]}x{full[1]} output')
     x = x[:, :block.conv_reads(out_size[0]), :block.conv_reads(out_size[1])]
-  if (winograd and layout == 'CHWN' and x.shape[0] >= MIN_WINOGRAD_CHANNELS and block.stride == 1
-      and kernel.shape[1] == 3 and x.shape[2] % 2 == 0):  # An even number of outputs.
-    return conv_valid_winograd(x, kernel)
+  if winograd and layout == 'CHWN' and block.stride == 1 and winograd_lib.gains(x, kernel):
+    return winograd_lib.conv_valid_winograd(x, kernel)
   return conv_valid_im2col(x, kernel, block.stride, layout)
