@@ -257,6 +257,23 @@ def test_winograd_conv_values_and_gradients_match_numpy_windows(mnist, padding, 
   np.testing.assert_allclose(dkernel, want_dkernel, rtol=1e-4, atol=1e-3)
 
 
+def test_winograd_conv_vmapped_over_seeds_is_each_seeds_own(mnist):
+  """Seeds train vmapped (num_seeds): each seed's values and gradients are those of the
+  conv run alone on that seed's kernel."""
+  x = layout.swap_batch_and_channels(digits_as_channels(mnist, 32, 12))
+  kernels = 0.1 * jax.random.normal(jax.random.key(0), (2, 3, 3, 32, 4))
+  dy = jax.random.normal(jax.random.key(1), (2, 4, 10, 10, 2))
+  loss = lambda x, k, dy: jnp.sum(winograd.conv_valid_winograd(x, k) * dy)
+  both = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0)))
+  values, (dx, dkernel) = both(x, kernels, dy)
+  for seed in range(2):
+    value, (want_dx, want_dkernel) = jax.value_and_grad(loss, argnums=(0, 1))(
+        x, kernels[seed], dy[seed])
+    np.testing.assert_allclose(values[seed], value, rtol=1e-5)
+    np.testing.assert_allclose(dx[seed], want_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dkernel[seed], want_dkernel, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize('channels,size', [(16, 12), (32, 13)])
 def test_thin_or_odd_width_chwn_convs_stay_im2col(mnist, channels, size):
   """Fewer than winograd.MIN_CHANNELS channels, or an odd number of output columns."""
