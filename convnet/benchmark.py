@@ -9,11 +9,12 @@
 MNIST, timed over repeats: compile time, training images/s (min/median/max),
 evaluation images/s over the 10,000 test images, peak RSS, XLA's FLOPs per
 training image, the GFLOP/s that makes and its share of the GFLOP/s of 1024x1024
-f32 matmuls on the same devices (their best round, measured in turn with the trainers). With the `[bench]` extra
-installed, the same model on the same data and batch size is also trained with
-tf.keras (`fit`, from its first step to its last) and PyTorch (a plain loop), and
-the ratios are printed. The trainers take turns, one repeat each per round, so that all
-of them see the same machine; convnet/peer is the median of the rounds' ratios.
+f32 matmuls on the same devices (their best round, timed in turn with the trainers).
+With the `[bench]` extra installed, the same model on the same data and batch size is
+also trained with tf.keras (`fit`, from its first step to its last) and PyTorch (a
+plain loop), and the ratios are printed. The trainers take turns, one repeat each per
+round, so that all of them see the same machine; convnet/peer is the median of the
+rounds' ratios.
 
 `time_to_accuracy`: trains the config once and reports the wall time from the start
 (compile included) to the first epoch whose test accuracy reaches --target, split into

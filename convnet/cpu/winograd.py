@@ -17,7 +17,7 @@ from jax import lax
 MIN_CHANNELS = 32
 
 
-def gains(x, kernel) -> bool:
+def applies(x, kernel) -> bool:
   """Whether a stride-1 'VALID' conv of CHWN x with `kernel` takes F(2, 3): a 3-wide
   kernel, MIN_CHANNELS input channels or more, an even number of output columns."""
   return kernel.shape[1] == 3 and x.shape[0] >= MIN_CHANNELS and x.shape[2] % 2 == 0
