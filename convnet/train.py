@@ -342,7 +342,7 @@ def training_flops_per_image(model_spec: config_lib.Model, state: TrainState, im
   to every run's start-up. Without dropout: its random bits are integer hashing, not
   the model's arithmetic, and XLA counts them only when they are written out
   (cpu/dropout.py). Convolutions counted as im2col computes them, directly: Winograd's
-  fewer multiplications (cpu/conv.py) are speed, not less of the model's work.
+  fewer multiplications (cpu/winograd.py) are speed, not less of the model's work.
   """
   model = build_model(model_spec, axis_name=None)
   model = model.clone(dropout=0.0, ops=dataclasses.replace(model.ops, winograd=False))

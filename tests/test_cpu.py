@@ -293,14 +293,18 @@ def test_winograd_conv_vmapped_over_seeds_is_each_seeds_own(mnist):
     np.testing.assert_allclose(dkernel[seed], want_dkernel, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize('channels,size', [(16, 12), (32, 13)])
-def test_thin_or_odd_width_chwn_convs_stay_im2col(mnist, monkeypatch, channels, size):
-  """Fewer than winograd.MIN_CHANNELS channels, or an odd number of output columns."""
-  x = layout.swap_batch_and_channels(digits_as_channels(mnist, channels, size))
+@pytest.mark.parametrize('channels,size,conv_layout,stride', [
+    (16, 12, 'CHWN', 1), (32, 13, 'CHWN', 1), (32, 12, 'NHWC', 1), (32, 12, 'CHWN', 2)])
+def test_other_convs_stay_im2col(monkeypatch, channels, size, conv_layout, stride):
+  """Fewer than winograd.MIN_CHANNELS channels, an odd number of output columns, NHWC,
+  or a stride: each alone keeps im2col (32 images, so that NHWC's leading axis is as
+  wide as CHWN's channels)."""
+  x = jnp.zeros((channels, size, size, 32) if conv_layout == 'CHWN'
+                else (32, size, size, channels))
   kernel = jnp.ones((3, 3, channels, 2))
-  block = shapes.Block(filters=2, padding='VALID')
+  block = shapes.Block(filters=2, padding='VALID', stride=stride)
   calls = kernels_called(monkeypatch)
-  jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, block, layout='CHWN'))(x)
+  jax.make_jaxpr(lambda x: conv.conv2d(x, kernel, block, layout=conv_layout))(x)
   assert calls == ['conv_valid_im2col']
 
 

@@ -125,6 +125,6 @@ def conv2d(x, kernel, block, *, layout: str = 'NHWC',
       raise ValueError(f'conv2d out_size={tuple(out_size)} is not within its '
                        f'{full[0]}x{full[1]} output')
     x = x[:, :block.conv_reads(out_size[0]), :block.conv_reads(out_size[1])]
-  if winograd and layout == 'CHWN' and block.stride == 1 and winograd_lib.applies(x, kernel):
+  if winograd and winograd_lib.applies(x, kernel, layout=layout, stride=block.stride):
     return winograd_lib.conv_valid_winograd(x, kernel)
   return conv_valid_im2col(x, kernel, block.stride, layout)

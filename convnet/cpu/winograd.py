@@ -17,10 +17,12 @@ from jax import lax
 MIN_CHANNELS = 32
 
 
-def applies(x, kernel) -> bool:
-  """Whether a stride-1 'VALID' conv of CHWN x with `kernel` takes F(2, 3): a 3-wide
-  kernel, MIN_CHANNELS input channels or more, an even number of output columns."""
-  return kernel.shape[1] == 3 and x.shape[0] >= MIN_CHANNELS and x.shape[2] % 2 == 0
+def applies(x, kernel, *, layout: str, stride: int) -> bool:
+  """Whether a 'VALID' conv of x (already padded) with `kernel` takes F(2, 3): CHWN,
+  stride 1, a 3-wide kernel, MIN_CHANNELS input channels or more, an even number of
+  output columns."""
+  return (layout == 'CHWN' and stride == 1 and kernel.shape[1] == 3
+          and x.shape[0] >= MIN_CHANNELS and x.shape[2] % 2 == 0)
 
 
 def _patches(x, kh: int, out_h: int, out_w: int):
